@@ -1,0 +1,110 @@
+"""Request bodies of the OpenAI-compatible API; unknown fields are ignored, as OpenAI clients expect."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from runtime.generation import SamplingParams
+
+# Ollama and LM Studio both sample at 0.8 when a client sends no temperature.
+DEFAULT_TEMPERATURE = 0.8
+
+
+class Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(Lenient):
+    type: Literal["text", "input_text"]
+    text: str
+
+
+class Message(BaseModel):
+    # Extra fields (tool_calls, tool_call_id, name) pass through to the chat template.
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def for_template(self) -> dict:
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            message["content"] = "\n".join(part.text for part in self.content)
+        if self.role == "developer":
+            message["role"] = "system"
+        message.setdefault("content", "")
+        return message
+
+
+class StreamOptions(Lenient):
+    include_usage: bool = False
+
+
+class GenerationRequest(Lenient):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def null_means_default(cls, value, info):
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def sampling(self) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=self.token_limit(),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            stop=stop,
+        )
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def template_messages(self) -> list[dict]:
+        return [message.for_template() for message in self.messages]
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[str] = Field(description="a string, or a list holding one string")
+
+    @field_validator("prompt")
+    @classmethod
+    def single_prompt(cls, value):
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("only one prompt per request is supported")
+            return value[0]
+        return value

@@ -1,0 +1,1 @@
+"""The converted-model store."""

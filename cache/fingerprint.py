@@ -1,0 +1,45 @@
+"""Content-derived identity of a model source: a full hash, plus a cheap stat check to skip it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def files_of(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    return sorted(p for p in source.rglob("*") if p.is_file())
+
+
+def content_hash(source: Path) -> str:
+    """sha256 of the bytes (for a folder: of each file's relative name and bytes, in order)."""
+    digest = hashlib.sha256()
+    for path in files_of(source):
+        if source.is_dir():
+            digest.update(str(path.relative_to(source)).encode() + b"\0")
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stat_fingerprint(source: Path) -> list[int]:
+    """Size and newest mtime: if these are unchanged for a known path, its hash is too."""
+    stats = [os.stat(p) for p in files_of(source)]
+    return [sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0), len(stats)]
+
+
+def entry_key(digest: str, fmt: str, fmt_version: str, options: dict) -> str:
+    material = json.dumps([digest, fmt, fmt_version, options], sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def slug(source: Path) -> str:
+    stem = source.name if source.is_dir() else source.name.rsplit(".", 1)[0]
+    return re.sub(r"[^a-z0-9_]+", "-", stem.lower()).strip("-") or "model"

@@ -1,0 +1,1 @@
+"""Source-format converters: detect a model by content and read it as HF-named tensors."""

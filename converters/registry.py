@@ -1,0 +1,55 @@
+"""The registry of source formats.
+
+A format is detected by content with a cheap, stdlib-only sniffer; its converter module (which
+imports the heavy libraries) is imported only when a conversion actually runs. Each converter
+module exposes `read(path) -> SourceModel`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from converters import sniff
+from converters.errors import ConversionError, UnknownFormatError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    # Bump when a converter's output changes, so that old cache entries are not reused.
+    version: str
+    sniff: Callable[[Path], bool]
+    module: str
+    looks_for: str
+
+    def read(self, path: Path):
+        return importlib.import_module(self.module).read(path)
+
+
+FORMATS: list[Format] = []
+
+
+def register(fmt: Format) -> Format:
+    FORMATS.append(fmt)
+    return fmt
+
+
+register(Format("gguf", "1", sniff.is_gguf, "converters.gguf_format", "GGUF magic bytes 'GGUF'"))
+
+
+def detect(path: Path) -> Format:
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    matches = [fmt for fmt in FORMATS if fmt.sniff(path)]
+    if len(matches) > 1:
+        names = ", ".join(fmt.name for fmt in matches)
+        raise UnknownFormatError(f"{path}: ambiguous input, it looks like several formats ({names})")
+    if not matches:
+        wanted = "; ".join(f"{fmt.name}: {fmt.looks_for}" for fmt in FORMATS)
+        raise UnknownFormatError(
+            f"{path}: not a model format Impetus knows. Looked for {wanted}; found {sniff.describe(path)}"
+        )
+    return matches[0]

@@ -1,0 +1,91 @@
+"""The one writer every converter shares: an MLX checkpoint folder that `mlx_lm.load` opens."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from converters.source import SourceModel
+
+MAX_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class WrittenCheckpoint:
+    path: Path
+    size_bytes: int
+    shards: int
+
+
+def write_checkpoint(model: SourceModel, dest: Path) -> WrittenCheckpoint:
+    """Write weights shard by shard, then config and tokenizer, into `dest` (a fresh folder)."""
+    dest.mkdir(parents=True)
+    weight_map = write_shards(model.tensors(), dest)
+    write_json(dest / "config.json", checkpoint_config(model))
+    model.save_tokenizer(dest)
+    size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
+    return WrittenCheckpoint(dest, size, len(set(weight_map.values())))
+
+
+def checkpoint_config(model: SourceModel) -> dict:
+    config = dict(model.config)
+    if model.quantization:
+        config["quantization"] = model.quantization
+        config["quantization_config"] = model.quantization
+    return config
+
+
+def write_shards(tensors, dest: Path) -> dict[str, str]:
+    """Save tensors in ≤ 5 GB shards as they arrive; returns the weight map (name -> file)."""
+    shard_files: list[Path] = []
+    names: list[list[str]] = []
+    shard: dict[str, mx.array] = {}
+    shard_size = 0
+    for name, array in tensors:
+        if shard and shard_size + array.nbytes > MAX_SHARD_BYTES:
+            shard_files.append(flush_shard(shard, dest, len(shard_files)))
+            names.append(list(shard))
+            shard, shard_size = {}, 0
+        shard[name] = array
+        shard_size += array.nbytes
+    if shard:
+        shard_files.append(flush_shard(shard, dest, len(shard_files)))
+        names.append(list(shard))
+    return name_shards(shard_files, names, dest)
+
+
+def describe_quantization(block: dict | None) -> str:
+    if not block:
+        return "none"
+    overrides = [v["bits"] for v in block.values() if isinstance(v, dict)]
+    label = f"{block['bits']}-bit affine, group {block['group_size']}"
+    if not overrides:
+        return label
+    layers = "layer" if len(overrides) == 1 else "layers"
+    return f"{label} ({len(overrides)} {layers} at {'/'.join(map(str, sorted(set(overrides))))}-bit)"
+
+
+def flush_shard(shard: dict, dest: Path, number: int) -> Path:
+    path = dest / f"partial-{number:05d}.safetensors"
+    mx.save_safetensors(str(path), shard, metadata={"format": "mlx"})
+    return path
+
+
+def name_shards(shard_files: list[Path], names: list[list[str]], dest: Path) -> dict[str, str]:
+    count = len(shard_files)
+    weight_map = {}
+    for number, (path, tensor_names) in enumerate(zip(shard_files, names), start=1):
+        final = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+        path.rename(dest / final)
+        weight_map.update(dict.fromkeys(tensor_names, final))
+    total = sum((dest / f).stat().st_size for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json(dest / "model.safetensors.index.json", index)
+    return weight_map
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,127 @@
+"""The MLX runtime: one resident model, one generation at a time, on one worker thread.
+
+MLX work (loading and generating) happens on a single thread that owns the model; callers
+submit jobs and read their events from a queue, so the HTTP layer never blocks on MLX.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cache.store import Entry, ModelStore
+from converters.errors import ImpetusError, ModelNotFoundError
+from runtime.errors import ModelLoadError
+from runtime.generation import Failed, SamplingParams, Started, generate, token_budget
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass
+class LoadedModel:
+    entry: Entry
+    model: object
+    tokenizer: object
+
+    @property
+    def context_length(self) -> int:
+        return self.entry.context_length or DEFAULT_CONTEXT
+
+
+@dataclass
+class Job:
+    entry: Entry
+    prompt: object  # ChatPrompt or TextPrompt
+    params: SamplingParams
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Runtime:
+    def __init__(self, store: ModelStore, aliases: dict[str, str] | None = None):
+        self.store = store
+        self.aliases = aliases or {}
+        self.loaded: LoadedModel | None = None
+        self._jobs: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="mlx-runtime", daemon=True)
+        self._worker.start()
+
+    def resolve(self, name: str) -> Entry:
+        entry = self.store.get(self.aliases.get(name, name))
+        if entry is None:
+            known = ", ".join(e.id for e in self.store.entries()) or "none yet"
+            raise ModelNotFoundError(
+                f"The model '{name}' does not exist. Available models: {known}. "
+                "Convert a model first with `python convert.py <file>`."
+            )
+        return entry
+
+    def submit(self, entry: Entry, prompt, params: SamplingParams) -> Job:
+        job = Job(entry, prompt, params)
+        self._jobs.put(job)
+        return job
+
+    def preload(self, entry: Entry) -> None:
+        """Load a model now (blocking), so the first request does not wait for it."""
+        done: queue.Queue = queue.Queue()
+
+        def task() -> None:
+            try:
+                done.put(self._ensure_loaded(entry))
+            except Exception as exc:  # handed back to the caller's thread, raised there
+                done.put(exc)
+
+        self._jobs.put(task)
+        if isinstance(result := done.get(), Exception):
+            raise result
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._worker.join(timeout=10)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if callable(job):
+                job()
+            else:
+                self._run(job)
+
+    def _run(self, job: Job) -> None:
+        try:
+            loaded = self._ensure_loaded(job.entry)
+            prompt = job.prompt.tokens(loaded.tokenizer)
+            budget = token_budget(len(prompt), job.params.max_tokens, loaded.context_length)
+            job.events.put(Started(len(prompt), budget))
+            for event in generate(loaded.model, loaded.tokenizer, prompt, budget, job.params, job.cancelled):
+                job.events.put(event)
+        except ImpetusError as exc:
+            job.events.put(Failed(exc))
+        except Exception as exc:
+            log.exception("generation failed")
+            job.events.put(Failed(exc))
+
+    def _ensure_loaded(self, entry: Entry) -> LoadedModel:
+        if self.loaded and self.loaded.entry.key == entry.key:
+            return self.loaded
+        self.loaded = None  # drop the old model before loading the next: one resident model
+        self.loaded = load(entry, self.store.checkpoint_path(entry))
+        return self.loaded
+
+
+def load(entry: Entry, path: Path) -> LoadedModel:
+    from mlx_lm import load as mlx_load
+
+    log.info("loading %s from %s", entry.id, path)
+    try:
+        model, tokenizer = mlx_load(str(path))
+    except Exception as exc:  # mlx-lm raises plain ValueError/FileNotFoundError etc.
+        raise ModelLoadError(f"could not load '{entry.id}' from {path}: {exc}; try converting it again") from exc
+    return LoadedModel(entry, model, tokenizer)

