@@ -1,5 +1,7 @@
 # Two entry points for a fresh clone:  `make serve`  and  `make test`.
-PYTHON ?= $(shell for p in python3.12 python3.11 python3.10 python3; do command -v $$p >/dev/null && echo $$p && break; done)
+# The first interpreter that really runs (pyenv shims may not) and is 3.10 or newer.
+PYTHON ?= $(shell for p in python3 python3.12 python3.11 python3.10; do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && echo $$p && break; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
@@ -13,6 +15,7 @@ setup: $(READY)
 
 # Re-run only when the declared dependencies change.
 $(READY): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: Python 3.10 or newer is needed (set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"

@@ -7,12 +7,13 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+import torch
 from mlx_lm import load
 
 from converters.pipeline import ensure_converted
 from tests.tiny_models import ARCHS, Q, build_model, reference_logits, write_gguf
 
-TYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
 IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
 
 
@@ -64,3 +65,17 @@ def test_config_comes_from_metadata_and_shapes(tmp_path, store):
     assert config["vocab_size"] == reference.vocab_size
     assert config["max_position_embeddings"] == 512
     assert config["eos_token_id"] == [2]
+
+
+def test_bf16_stays_bf16_beyond_float16_range(tmp_path, store):
+    arch = ARCHS["llama"]
+    torch_model = build_model(arch)
+    with torch.no_grad():
+        torch_model.model.embed_tokens.weight[5, 3] = 1.0e5  # float16 tops out at 65504
+    source = write_gguf(torch_model, arch, tmp_path / "tiny-bf16.gguf", Q.BF16)
+
+    weights = mx.load(str(ensure_converted(source, store).path / "model.safetensors"))
+
+    embedding = weights["model.embed_tokens.weight"]
+    assert embedding.dtype == mx.bfloat16
+    assert abs(embedding[5, 3].item() - 1.0e5) / 1.0e5 < 1e-2
