@@ -38,6 +38,15 @@ def register(fmt: Format) -> Format:
 
 
 register(Format("gguf", "1", sniff.is_gguf, "converters.gguf_format", "GGUF magic bytes 'GGUF'"))
+register(Format("safetensors", "1", sniff.is_hf_safetensors, "converters.safetensors_format",
+                "a safetensors header, or a folder with config.json and *.safetensors"))
+register(Format("pytorch", "1", sniff.is_pytorch, "converters.pytorch_format",
+                "a PyTorch zip (*/data.pkl) or pickle, or a folder with pytorch_model*.bin / consolidated.*.pth"))
+register(Format("onnx", "1", sniff.is_onnx, "converters.onnx_format", "an ONNX ModelProto, or a folder with a .onnx file"))
+register(Format("coreml", "1", sniff.is_coreml, "converters.coreml_format",
+                "a Core ML .mlpackage (Manifest.json) or .mlmodel"))
+register(Format("mlx", "1", sniff.is_mlx, "converters.mlx_format",
+                "an MLX folder (config.json + safetensors with a quantization block or MLX metadata) or an .npz"))
 
 
 def detect(path: Path) -> Format:
