@@ -153,3 +153,79 @@ def reference_logits(model, qtype, ids: list[int]) -> np.ndarray:
     reference.load_state_dict(state)
     with torch.no_grad():
         return reference(torch.tensor([ids])).logits[0].numpy()
+
+
+# ---- HF-side tiny models, one per architecture, for the formats x architectures table ----
+
+ROPE_THETA = 1234.0  # not mlx-lm's fallback of 10000, so a lost rope_theta shows in the logits
+HF_COMMON = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+
+def _hf_classes():
+    import transformers as tf
+
+    flat_rope = {"rope_parameters": {"rope_theta": ROPE_THETA, "rope_type": "default"}}
+    gemma3_rope = {"rope_parameters": {
+        "full_attention": {"rope_theta": ROPE_THETA, "rope_type": "default"},
+        "sliding_attention": {"rope_theta": ROPE_THETA / 2, "rope_type": "default"},
+    }}
+    return {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, flat_rope),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {**flat_rope, "sliding_window": None}),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, flat_rope),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {**flat_rope, "head_dim": 16}),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, flat_rope),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**flat_rope, "head_dim": 16, "sliding_window": 8}),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {**gemma3_rope, "head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 2}),
+    }
+
+
+HF_ARCH_NAMES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
+
+
+def build_hf_model(name: str, seed: int = 0):
+    """A tiny random fp32 transformers model of architecture `name` (one of HF_ARCH_NAMES)."""
+    config_class, model_class, extra = _hf_classes()[name]
+    torch.manual_seed(seed)
+    model = model_class(config_class(**HF_COMMON, vocab_size=len(vocabulary()), **extra)).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "norm" in param_name:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.15)
+    return model
+
+
+def tiny_tokenizer():
+    """The tiny byte-level BPE vocabulary as a transformers fast tokenizer, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(vocabulary())}
+    merges = [tuple(m.split(" ")) for m in MERGES]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def save_hf_folder(model, dest: Path) -> Path:
+    """`save_pretrained` of the model (safetensors) and of the tiny tokenizer into `dest`."""
+    model.save_pretrained(dest)
+    tiny_tokenizer().save_pretrained(dest)
+    return dest
+
+
+def torch_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
