@@ -13,9 +13,16 @@ from mlx_lm import load
 from converters.pipeline import ensure_converted
 from tests.tiny_models import HF_ARCH_NAMES, build_hf_model, torch_logits
 
-FORMATS = ["safetensors"]
+FORMATS = ["safetensors", "pytorch", "onnx", "coreml", "gguf", "mlx"]
 IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
 TOLERANCE = 1e-3
+
+
+def exporter_for(fmt: str):
+    try:
+        return importlib.import_module(f"tests.exporters.{fmt}")
+    except ModuleNotFoundError:  # TEMPORARY while formats land: removed once all six exist
+        pytest.skip(f"no exporter for {fmt} yet")
 
 
 def reference(exporter, model, arch: str) -> np.ndarray:
@@ -27,7 +34,7 @@ def reference(exporter, model, arch: str) -> np.ndarray:
 @pytest.mark.parametrize("arch", HF_ARCH_NAMES)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_converted_model_matches_torch(fmt, arch, tmp_path, store):
-    exporter = importlib.import_module(f"tests.exporters.{fmt}")
+    exporter = exporter_for(fmt)
     model = build_hf_model(arch)
     source = exporter.export(model, arch, tmp_path)
 
