@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cache.store import Entry, ModelStore
 from converters.errors import ImpetusError, ModelNotFoundError
 from runtime.errors import ModelLoadError
-from runtime.generation import Failed, SamplingParams, Started, generate, token_budget
+from runtime.generation import Failed, Finished, SamplingParams, Started, generate, token_budget
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,26 @@ class Job:
         self.cancelled.set()
 
 
+@dataclass
+class RuntimeStats:
+    state: str = "idle"  # idle | loading | generating
+    requests: int = 0
+    last_tokens_per_second: float | None = None
+    last_prompt_tokens: int | None = None
+
+    def record(self, finished: Finished, seconds: float) -> None:
+        self.requests += 1
+        self.last_prompt_tokens = finished.prompt_tokens
+        if finished.completion_tokens and seconds > 0:
+            self.last_tokens_per_second = round(finished.completion_tokens / seconds, 2)
+
+
 class Runtime:
     def __init__(self, store: ModelStore, aliases: dict[str, str] | None = None):
         self.store = store
         self.aliases = aliases or {}
         self.loaded: LoadedModel | None = None
+        self.stats = RuntimeStats()
         self._jobs: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="mlx-runtime", daemon=True)
         self._worker.start()
@@ -83,6 +99,16 @@ class Runtime:
         if isinstance(result := done.get(), Exception):
             raise result
 
+    def status(self) -> dict:
+        import mlx.core as mx
+
+        return {
+            **asdict(self.stats),
+            "model": self.loaded.entry.id if self.loaded else None,
+            "memory_bytes": mx.get_active_memory(),
+            "peak_memory_bytes": mx.get_peak_memory(),
+        }
+
     def close(self) -> None:
         self._jobs.put(None)
         self._worker.join(timeout=10)
@@ -100,19 +126,32 @@ class Runtime:
             prompt = job.prompt.tokens(loaded.tokenizer)
             budget = token_budget(len(prompt), job.params.max_tokens, loaded.context_length)
             job.events.put(Started(len(prompt), budget))
-            for event in generate(loaded.model, loaded.tokenizer, prompt, budget, job.params, job.cancelled):
-                job.events.put(event)
+            self._generate(loaded, job, prompt, budget)
         except ImpetusError as exc:
             job.events.put(Failed(exc))
         except Exception as exc:
             log.exception("generation failed")
             job.events.put(Failed(exc))
 
+    def _generate(self, loaded: LoadedModel, job: Job, prompt: list[int], budget: int) -> None:
+        self.stats.state = "generating"
+        started = time.perf_counter()
+        try:
+            for event in generate(loaded.model, loaded.tokenizer, prompt, budget, job.params, job.cancelled):
+                job.events.put(event)
+        finally:
+            self.stats.state = "idle"
+        self.stats.record(event, time.perf_counter() - started)
+
     def _ensure_loaded(self, entry: Entry) -> LoadedModel:
         if self.loaded and self.loaded.entry.key == entry.key:
             return self.loaded
         self.loaded = None  # drop the old model before loading the next: one resident model
-        self.loaded = load(entry, self.store.checkpoint_path(entry))
+        self.stats.state = "loading"
+        try:
+            self.loaded = load(entry, self.store.checkpoint_path(entry))
+        finally:
+            self.stats.state = "idle"
         return self.loaded
 
 

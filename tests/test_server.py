@@ -98,3 +98,22 @@ def test_prompt_over_the_context_is_context_length_exceeded(client, model_id):
 def test_server_still_serves_after_errors(client, model_id):
     reply = client.chat.completions.create(model=model_id, messages=CAPITAL, temperature=0, max_tokens=24)
     assert "Paris" in reply.choices[0].message.content
+
+
+def test_status_reports_the_loaded_model_and_last_speed(server, model_id, client):
+    client.chat.completions.create(model=model_id, messages=CAPITAL, temperature=0, max_tokens=4)
+    status = httpx.get(f"{server}/api/models/status").json()
+    assert status["model"] == model_id and status["state"] == "idle"
+    assert status["last_tokens_per_second"] > 0 and status["memory_bytes"] > 0
+
+
+def test_switch_to_unknown_model_is_404_and_keeps_the_loaded_one(server, model_id):
+    reply = httpx.post(f"{server}/api/models/switch", json={"model": "no-such-model"})
+    assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found"
+    listed = httpx.get(f"{server}/api/models/list").json()["data"]
+    assert [m["id"] for m in listed if m["loaded"]] == [model_id]
+
+
+def test_switch_to_the_cached_model_loads_it(server, model_id):
+    reply = httpx.post(f"{server}/api/models/switch", json={"model": model_id}, timeout=120)
+    assert reply.status_code == 200 and reply.json()["model"] == model_id
