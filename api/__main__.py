@@ -10,6 +10,7 @@ from pathlib import Path
 from cache.store import Entry, ModelStore
 from converters.errors import ImpetusError, ModelNotFoundError
 from converters.pipeline import ensure_converted
+from runtime.hardware import relaunch_with_openblas
 from settings import DEFAULT_MODEL_ALIAS, Settings, default_model_path
 
 log = logging.getLogger("impetus")
@@ -38,6 +39,14 @@ def startup_model(name: str, store: ModelStore) -> Entry:
     raise ModelNotFoundError(f"'{name}' is neither a cached model id nor a model file or folder")
 
 
+def build_runtime(settings: Settings, store: ModelStore, entry: Entry):
+    from runtime.engine import Runtime
+    from runtime.prompt_cache import PromptCache
+
+    prompt_cache = PromptCache(settings.prompt_cache_dir, settings.prompt_cache_bytes)
+    return Runtime(store, aliases={DEFAULT_MODEL_ALIAS: entry.id}, prompt_cache=prompt_cache)
+
+
 def banner(model_id: str, host: str, port: int) -> str:
     base = f"http://{host}:{port}/v1"
     return (
@@ -51,13 +60,13 @@ def banner(model_id: str, host: str, port: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    relaunch_with_openblas()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    store = ModelStore(Settings.from_env().home)
+    settings = Settings.from_env()
+    store = ModelStore(settings.home)
     try:
         entry = startup_model(args.model, store)
-        from runtime.engine import Runtime
-
-        runtime = Runtime(store, aliases={DEFAULT_MODEL_ALIAS: entry.id})
+        runtime = build_runtime(settings, store, entry)
         runtime.preload(entry)
     except ImpetusError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from api.app import create_app
 
     print(banner(entry.id, args.host, args.port), flush=True)
-    uvicorn.run(create_app(runtime), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(runtime, settings), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

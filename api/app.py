@@ -1,17 +1,24 @@
-"""The FastAPI application, built around an injected runtime."""
+"""The FastAPI application, built around an injected runtime and settings."""
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, HTTPException, Request
 
 from api.errors import install_error_handlers
-from api.routers import chat, completions, health, manage, models
+from api.routers import chat, completions, health, lmstudio, manage, models
 from runtime.engine import Runtime
+from settings import Settings
 
 
-def create_app(runtime: Runtime) -> FastAPI:
+def require_key(request: Request) -> None:
+    expected = request.app.state.settings.api_key
+    if expected and request.headers.get("authorization") != f"Bearer {expected}":
+        raise HTTPException(401, "Incorrect API key provided: send it as 'Authorization: Bearer <key>'")
+
+
+def create_app(runtime: Runtime, settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
@@ -19,7 +26,9 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app = FastAPI(title="Impetus", description="Local models through an OpenAI-compatible API", lifespan=lifespan)
     app.state.runtime = runtime
+    app.state.settings = settings or Settings.from_env()
     install_error_handlers(app)
-    for router in (health.router, models.router, chat.router, completions.router, manage.router):
-        app.include_router(router)
+    app.include_router(health.router)
+    for router in (models.router, chat.router, completions.router, manage.router, lmstudio.router):
+        app.include_router(router, dependencies=[Depends(require_key)])
     return app

@@ -1,14 +1,20 @@
-"""Typed dependencies: the runtime is injected, so tests and the app can hand in their own."""
+"""Typed dependencies: the runtime and settings are injected, so tests and the app can hand in their own."""
 
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from runtime.engine import Runtime
+from settings import Settings
 
 
 def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

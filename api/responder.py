@@ -4,57 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from api.errors import describe_domain_error
 from runtime.engine import Job
-from runtime.generation import Delta, Failed, Finished, Started
+from runtime.generation import Delta, Failed, Finished, Started, ToolCalls
+
+KEEPALIVE = ": keepalive\n\n"
 
 
-class ChatShape:
-    object = "chat.completion"
-    chunk_object = "chat.completion.chunk"
-    id_prefix = "chatcmpl"
-    opening_delta = {"role": "assistant", "content": ""}
-
-    @staticmethod
-    def choice(text: str, finish: str | None) -> dict:
-        message = {"role": "assistant", "content": text}
-        return {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
-
-    @staticmethod
-    def delta(text: str | None, finish: str | None) -> dict:
-        delta = {} if text is None else {"content": text}
-        return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+async def next_event(job: Job, timeout: float | None = None):
+    """The job's next event, or None if none came within `timeout` seconds."""
+    try:
+        return await asyncio.to_thread(job.events.get, True, timeout)
+    except queue.Empty:
+        return None
 
 
-class CompletionShape:
-    object = "text_completion"
-    chunk_object = "text_completion"
-    id_prefix = "cmpl"
-    opening_delta = None
-
-    @staticmethod
-    def choice(text: str, finish: str | None) -> dict:
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-
-    @staticmethod
-    def delta(text: str | None, finish: str | None) -> dict:
-        return CompletionShape.choice(text or "", finish)
-
-
-async def next_event(job: Job):
-    return await asyncio.to_thread(job.events.get)
-
-
-async def wait_started(job: Job) -> Started:
-    """The first event: Started, or the job's error raised here, before any response is sent."""
-    event = await next_event(job)
+async def wait_started(job: Job, timeout: float | None = None) -> Started | None:
+    """Started, or the job's error raised here (before any response is sent); None on timeout."""
+    event = await next_event(job, timeout)
     if isinstance(event, Failed):
         raise event.error
     return event
+
+
+def sse(data) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def tool_call_dicts(event: ToolCalls, first_index: int) -> list[dict]:
+    return [
+        {"index": first_index + i, "id": call.id, "type": "function",
+         "function": {"name": call.name, "arguments": call.arguments}}
+        for i, call in enumerate(event.calls)
+    ]
 
 
 def usage(finished: Finished) -> dict:
@@ -62,6 +50,7 @@ def usage(finished: Finished) -> dict:
         "prompt_tokens": finished.prompt_tokens,
         "completion_tokens": finished.completion_tokens,
         "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": finished.cached_tokens},
     }
 
 
@@ -69,15 +58,86 @@ def finish_reason(finished: Finished) -> str:
     return "stop" if finished.finish_reason == "cancelled" else finished.finish_reason
 
 
-def sse(data) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+@dataclass
+class Collected:
+    """A whole reply gathered from events, for non-stream responses."""
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[dict] = field(default_factory=list)
+
+    def add(self, event) -> None:
+        if isinstance(event, ToolCalls):
+            self.tool_calls += tool_call_dicts(event, len(self.tool_calls))
+        elif event.channel == "reasoning":
+            self.reasoning.append(event.text)
+        else:
+            self.content.append(event.text)
+
+
+class ChatShape:
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+    opens_with_role = True
+
+    def __init__(self, reasoning_field: str = "reasoning_content"):
+        self.reasoning_field = reasoning_field
+
+    def choice(self, reply: Collected, finish: str) -> dict:
+        message = {"role": "assistant", "content": "".join(reply.content) or (None if reply.tool_calls else "")}
+        if reply.reasoning:
+            message[self.reasoning_field] = "".join(reply.reasoning)
+        if reply.tool_calls:
+            message["tool_calls"] = reply.tool_calls
+        return {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+
+    def delta(self, delta: dict, finish: str | None = None) -> dict:
+        return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+    def event_delta(self, event, tool_index: int) -> dict:
+        if isinstance(event, ToolCalls):
+            return self.delta({"tool_calls": tool_call_dicts(event, tool_index)})
+        key = self.reasoning_field if event.channel == "reasoning" else "content"
+        return self.delta({key: event.text})
+
+
+class CompletionShape:
+    object = "text_completion"
+    chunk_object = "text_completion"
+    id_prefix = "cmpl"
+    opens_with_role = False
+
+    def choice(self, reply: Collected, finish: str) -> dict:
+        return {"index": 0, "text": "".join(reply.content), "finish_reason": finish, "logprobs": None}
+
+    def delta(self, delta: dict, finish: str | None = None) -> dict:
+        return {"index": 0, "text": delta.get("content", ""), "finish_reason": finish, "logprobs": None}
+
+    def event_delta(self, event, tool_index: int) -> dict:
+        return self.delta({"content": event.text})
+
+
+# A stream's headers wait this long for the prompt to be accepted, so that a quick error (e.g. a
+# prompt over the context) is a real HTTP status; past it, headers go out and errors come in-stream.
+HEADER_WAIT_SECONDS = 1.0
+
+
+async def respond(job: Job, responder: "Responder", stream: bool):
+    """The HTTP answer for a submitted job: a StreamingResponse, or the whole body as a dict."""
+    from fastapi.responses import StreamingResponse
+
+    await wait_started(job, HEADER_WAIT_SECONDS if stream else None)
+    if stream:
+        return StreamingResponse(responder.stream(job), media_type="text/event-stream")
+    return await responder.complete(job)
 
 
 class Responder:
-    def __init__(self, shape, model_id: str, include_usage: bool = False):
+    def __init__(self, shape, model_id: str, include_usage: bool = False, keepalive_seconds: float = 10.0):
         self.shape = shape
         self.model_id = model_id
         self.include_usage = include_usage
+        self.keepalive_seconds = keepalive_seconds
         self.id = f"{shape.id_prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
@@ -85,13 +145,12 @@ class Responder:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id, "choices": choices, **extra}
 
     async def complete(self, job: Job) -> dict:
-        text = []
+        reply = Collected()
         while not isinstance(event := await next_event(job), Finished):
             if isinstance(event, Failed):
                 raise event.error
-            text.append(event.text)
-        choice = self.shape.choice("".join(text), finish_reason(event))
-        return self.body(self.shape.object, [choice], usage=usage(event))
+            reply.add(event)
+        return self.body(self.shape.object, [self.shape.choice(reply, finish_reason(event))], usage=usage(event))
 
     def chunk(self, choices: list, **extra) -> str:
         if self.include_usage:
@@ -105,15 +164,28 @@ class Responder:
         finally:
             job.cancel()  # a client that went away stops its generation
 
+    async def _events(self, job: Job):
+        """The job's events, with None for each keepalive interval without one."""
+        while True:
+            event = await next_event(job, self.keepalive_seconds)
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return
+
     async def _stream(self, job: Job) -> AsyncIterator[str]:
-        if self.shape.opening_delta is not None:
-            yield self.chunk([{**self.shape.delta(None, None), "delta": self.shape.opening_delta}])
-        while not isinstance(event := await next_event(job), (Finished, Failed)):
-            yield self.chunk([self.shape.delta(event.text, None)])
-        if isinstance(event, Failed):
-            yield sse(describe_domain_error(event.error)[1])
-        else:
-            yield self.chunk([self.shape.delta(None, finish_reason(event))])
-            if self.include_usage:
-                yield self.chunk([], usage=usage(event))
+        if self.shape.opens_with_role:
+            yield self.chunk([self.shape.delta({"role": "assistant", "content": ""})])
+        tool_index = 0
+        async for event in self._events(job):
+            if event is None:
+                yield KEEPALIVE
+            elif isinstance(event, Failed):
+                yield sse(describe_domain_error(event.error)[1])
+            elif isinstance(event, Finished):
+                yield self.chunk([self.shape.delta({}, finish_reason(event))])
+                if self.include_usage:
+                    yield self.chunk([], usage=usage(event))
+            elif not isinstance(event, Started):
+                yield self.chunk([self.shape.event_delta(event, tool_index)])
+                tool_index += len(event.calls) if isinstance(event, ToolCalls) else 0
         yield sse("[DONE]")

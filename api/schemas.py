@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runtime.generation import SamplingParams
 
@@ -56,7 +56,14 @@ class GenerationRequest(Lenient):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    n: int = 1
+
+    @field_validator("n")
+    @classmethod
+    def one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported; send one request per choice")
+        return value
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -83,12 +90,74 @@ class GenerationRequest(Lenient):
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,
             stop=stop,
+            response_format=self.format_dict(),
         )
+
+    def format_dict(self) -> dict | None:
+        return None
+
+
+class FunctionSpec(Lenient):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(Lenient):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class ToolName(Lenient):
+    name: str
+
+
+class NamedToolChoice(Lenient):
+    type: Literal["function"] = "function"
+    function: ToolName
+
+
+class JsonSchemaSpec(Lenient):
+    name: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def tool_choice_names_a_tool(self):
+        if self.tool_choice in (None, "none", "auto"):
+            return self
+        names = {tool.function.name for tool in self.tools or []}
+        if not names:
+            raise ValueError(f"tool_choice {self.tool_choice!r} needs a non-empty 'tools' list")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names '{self.tool_choice.function.name}', which is not in 'tools'")
+        return self
+
+    def tool_dicts(self) -> list[dict] | None:
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+    def tool_choice_value(self) -> str | dict | None:
+        choice = self.tool_choice
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
+    def format_dict(self) -> dict | None:
+        if self.response_format is None or self.response_format.type == "text":
+            return None
+        return self.response_format.model_dump(by_alias=True, exclude_none=True)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -16,7 +16,11 @@ from pathlib import Path
 from cache.store import Entry, ModelStore
 from converters.errors import ImpetusError, ModelNotFoundError
 from runtime.errors import ModelLoadError
-from runtime.generation import Failed, Finished, SamplingParams, Started, generate, token_budget
+from runtime.hardware import prefers_fp32_weights
+from runtime.generation import Failed, Finished, Plan, SamplingParams, Started, generate, token_budget
+from runtime.plans import parser_for, processors_for
+from runtime.prompt_cache import PromptCache
+from runtime.tools import ToolDialect, dialect_for
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +32,26 @@ class LoadedModel:
     entry: Entry
     model: object
     tokenizer: object
+    dialect: ToolDialect
+    layout: str = "as converted"  # or "float32" when dequantised for the CPU
+    _grammar_tokenizer: object = None
+
+    @property
+    def cache_key(self) -> str:
+        """Prompt caches are only valid for the same weights in the same layout."""
+        return f"{self.entry.key}-{self.layout.replace(' ', '-')}"
 
     @property
     def context_length(self) -> int:
         return self.entry.context_length or DEFAULT_CONTEXT
+
+    def grammar_tokenizer(self):
+        """llguidance's tokenizer, built on first use (about a second)."""
+        if self._grammar_tokenizer is None:
+            from runtime.constraints import ll_tokenizer
+
+            self._grammar_tokenizer = ll_tokenizer(self.tokenizer)
+        return self._grammar_tokenizer
 
 
 @dataclass
@@ -61,9 +81,10 @@ class RuntimeStats:
 
 
 class Runtime:
-    def __init__(self, store: ModelStore, aliases: dict[str, str] | None = None):
+    def __init__(self, store: ModelStore, aliases: dict[str, str] | None = None, prompt_cache: PromptCache | None = None):
         self.store = store
         self.aliases = aliases or {}
+        self.prompt_cache = prompt_cache or PromptCache(None, max_bytes=1 << 30)
         self.loaded: LoadedModel | None = None
         self.stats = RuntimeStats()
         self._jobs: queue.Queue = queue.Queue()
@@ -102,9 +123,13 @@ class Runtime:
     def status(self) -> dict:
         import mlx.core as mx
 
+        from runtime.hardware import runtime_report
+
         return {
             **asdict(self.stats),
+            "runtime": runtime_report(),
             "model": self.loaded.entry.id if self.loaded else None,
+            "layout": self.loaded.layout if self.loaded else None,
             "memory_bytes": mx.get_active_memory(),
             "peak_memory_bytes": mx.get_peak_memory(),
         }
@@ -121,23 +146,34 @@ class Runtime:
                 self._run(job)
 
     def _run(self, job: Job) -> None:
+        if job.cancelled.is_set():  # its client left while it waited in the queue
+            job.events.put(Finished("cancelled", 0, 0))
+            return
         try:
             loaded = self._ensure_loaded(job.entry)
-            prompt = job.prompt.tokens(loaded.tokenizer)
-            budget = token_budget(len(prompt), job.params.max_tokens, loaded.context_length)
-            job.events.put(Started(len(prompt), budget))
-            self._generate(loaded, job, prompt, budget)
+            plan, cache = self._plan(loaded, job)
+            job.events.put(Started(len(plan.prompt), plan.budget, plan.cached))
+            self._generate(loaded, job, plan, cache)
+            self.prompt_cache.store(loaded.cache_key, plan.prompt + plan.generated, cache)
         except ImpetusError as exc:
             job.events.put(Failed(exc))
         except Exception as exc:
             log.exception("generation failed")
             job.events.put(Failed(exc))
 
-    def _generate(self, loaded: LoadedModel, job: Job, prompt: list[int], budget: int) -> None:
+    def _plan(self, loaded: LoadedModel, job: Job) -> tuple[Plan, list]:
+        tokens = job.prompt.tokens(loaded.tokenizer, loaded.dialect)
+        budget = token_budget(len(tokens), job.params.max_tokens, loaded.context_length)
+        cache, cached = self.prompt_cache.fetch(loaded.cache_key, loaded.model, tokens)
+        parser = parser_for(loaded, job.prompt, job.params, tokens)
+        processors = processors_for(loaded, job.prompt, job.params, len(tokens) - cached)
+        return Plan(tokens, cached, budget, job.params, parser, processors), cache
+
+    def _generate(self, loaded: LoadedModel, job: Job, plan: Plan, cache: list) -> None:
         self.stats.state = "generating"
         started = time.perf_counter()
         try:
-            for event in generate(loaded.model, loaded.tokenizer, prompt, budget, job.params, job.cancelled):
+            for event in generate(loaded.model, loaded.tokenizer, plan, cache, job.cancelled):
                 job.events.put(event)
         finally:
             self.stats.state = "idle"
@@ -150,6 +186,7 @@ class Runtime:
         self.stats.state = "loading"
         try:
             self.loaded = load(entry, self.store.checkpoint_path(entry))
+            self.prompt_cache.restore(self.loaded.cache_key)
         finally:
             self.stats.state = "idle"
         return self.loaded
@@ -163,4 +200,17 @@ def load(entry: Entry, path: Path) -> LoadedModel:
         model, tokenizer = mlx_load(str(path))
     except Exception as exc:  # mlx-lm raises plain ValueError/FileNotFoundError etc.
         raise ModelLoadError(f"could not load '{entry.id}' from {path}: {exc}; try converting it again") from exc
-    return LoadedModel(entry, model, tokenizer)
+    if prefers_fp32_weights(entry.parameters):
+        return LoadedModel(entry, as_float32(model), tokenizer, dialect_for(tokenizer), layout="float32")
+    return LoadedModel(entry, model, tokenizer, dialect_for(tokenizer))
+
+
+def as_float32(model):
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model
+
+    log.info("running in float32 on the CPU with OpenBLAS (faster here than quantised kernels)")
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model

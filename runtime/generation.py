@@ -1,17 +1,17 @@
-"""One request's generation with mlx-lm: sampling, stop strings, cancellation, token counts."""
+"""One request's generation with mlx-lm: sampling, constraints, output parsing, cancellation."""
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import mlx.core as mx
 from mlx_lm import stream_generate
-from mlx_lm.generate import TextStateMachine
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from runtime.errors import ContextLengthExceededError
+from runtime.output import Delta, OutputParser, ToolCalls  # noqa: F401  (re-exported event types)
 
 
 @dataclass(frozen=True)
@@ -26,17 +26,15 @@ class SamplingParams:
     frequency_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}
+    response_format: dict | None = None
 
 
 @dataclass(frozen=True)
 class Started:
     prompt_tokens: int
     max_tokens: int
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,11 +42,24 @@ class Finished:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class Failed:
     error: Exception
+
+
+@dataclass
+class Plan:
+    """Everything decided before the first token: what to feed, how much to write, how to read it."""
+    prompt: list[int]
+    cached: int
+    budget: int
+    params: SamplingParams
+    parser: OutputParser
+    processors: list = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
 
 
 def token_budget(prompt_tokens: int, requested: int | None, context_length: int) -> int:
@@ -63,7 +74,7 @@ def sampler_for(params: SamplingParams):
     return make_sampler(temp=params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k)
 
 
-def processors_for(params: SamplingParams):
+def penalties_for(params: SamplingParams) -> list:
     return make_logits_processors(
         repetition_penalty=params.repetition_penalty or None,
         presence_penalty=params.presence_penalty or None,
@@ -71,36 +82,32 @@ def processors_for(params: SamplingParams):
     )
 
 
-def stop_matcher(stop: tuple[str, ...]):
-    """A text state machine that ends (state None) on any stop string and holds back partial matches."""
-    machine = TextStateMachine({"normal": [(s, None) for s in stop if s]})
-    return machine.make_state()
-
-
-def generate(model, tokenizer, prompt: list[int], budget: int, params: SamplingParams, cancelled: threading.Event) -> Iterator:
-    """Yield Delta events, then one Finished event."""
-    if params.seed is not None:
-        mx.random.seed(params.seed)
-    state = stop_matcher(params.stop)
-    finish, completion = "length", 0
+def generate(model, tokenizer, plan: Plan, cache: list, cancelled: threading.Event) -> Iterator:
+    """Yield Delta / ToolCalls events, then one Finished event."""
+    if plan.params.seed is not None:
+        mx.random.seed(plan.params.seed)
     responses = stream_generate(
-        model, tokenizer, mx.array(prompt), max_tokens=budget,
-        sampler=sampler_for(params), logits_processors=processors_for(params),
+        model, tokenizer, mx.array(plan.prompt[plan.cached :]), max_tokens=plan.budget,
+        sampler=sampler_for(plan.params), logits_processors=plan.processors, prompt_cache=cache,
     )
+    finish = "length"
     for response in responses:
-        hit_eos = response.finish_reason == "stop"
-        completion = response.generation_tokens - (1 if hit_eos else 0)
-        state, text, current = TextStateMachine.step(state, response.text)
-        if current is None:
-            finish = "stop"
-        elif response.finish_reason:
-            finish = response.finish_reason
-            state, pending, _ = TextStateMachine.flush(state)
-            text += pending
-        if text:
-            yield Delta(text)
-        if current is None or cancelled.is_set():
+        if response.finish_reason != "stop":  # mlx-lm reports the EOS token itself with "stop"
+            plan.generated.append(response.token)
+        yield from plan.parser.feed(response.text)
+        finish = early_finish(plan.parser, cancelled) or response.finish_reason or finish
+        if early_finish(plan.parser, cancelled):
             responses.close()
-            finish = "cancelled" if cancelled.is_set() else finish
             break
-    yield Finished(finish, len(prompt), completion)
+    yield from plan.parser.finish()
+    yield Finished(final_reason(finish, plan.parser), len(plan.prompt), len(plan.generated), plan.cached)
+
+
+def early_finish(parser: OutputParser, cancelled: threading.Event) -> str | None:
+    if parser.stopped:
+        return "stop"
+    return "cancelled" if cancelled.is_set() else None
+
+
+def final_reason(finish: str, parser: OutputParser) -> str:
+    return "tool_calls" if parser.made_calls and finish == "stop" else finish

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -15,6 +18,15 @@ from converters.pipeline import ensure_converted
 from settings import default_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+CLINE_REQUEST = ROOT.parent / "shared" / "reference" / "cline-request.json"
+
+
+@pytest.fixture(scope="session")
+def cline_request() -> dict:
+    """One first request of the Cline CLI, captured verbatim (stream, usage, 25 tools, ~6k tokens)."""
+    return json.loads(CLINE_REQUEST.read_text())
 
 
 @pytest.fixture
@@ -64,19 +76,36 @@ def wait_healthy(process: subprocess.Popen, url: str, timeout: float = 180) -> N
     raise TimeoutError(f"server at {url} did not become healthy in {timeout}s")
 
 
+@dataclass
+class ServerProcess:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextlib.contextmanager
+def running_server(home: Path, model: str, log_dir: Path, **env_extra: str):
+    """A real `python -m api` process on a free loopback port; stopped (and waited for) on exit."""
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    env = {**os.environ, "IMPETUS_HOME": str(home), "IMPETUS_KEEPALIVE_SECONDS": "2", **env_extra}
+    command = [sys.executable, "-m", "api", "--host", "127.0.0.1", "--port", str(port), "--model", model]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path)
+        try:
+            wait_healthy(process, server.url)
+            yield server
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def server(smollm2, shared_home, tmp_path_factory):
-    """A real `python -m api` process serving SmolLM2 on a free loopback port."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
-    env = {**os.environ, "IMPETUS_HOME": str(shared_home)}
-    command = [sys.executable, "-m", "api", "--host", "127.0.0.1", "--port", str(port), "--model", smollm2.entry.id]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(process, url)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+    """The session's SmolLM2 server: its base URL."""
+    with running_server(shared_home, smollm2.entry.id, tmp_path_factory.mktemp("server")) as running:
+        yield running.url

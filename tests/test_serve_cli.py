@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import httpx
 
-from tests.conftest import ROOT, free_port, run_cli, wait_healthy
+from tests.conftest import run_cli, running_server
 from tests.tiny_models import ARCHS, Q, build_model, write_gguf
 
 
 def test_serving_a_path_converts_it_into_an_empty_cache(tmp_path):
     arch = ARCHS["llama"]
     source = write_gguf(build_model(arch), arch, tmp_path / "Tiny-Llama.Q4_0.gguf", Q.Q4_0)
-    port, home = free_port(), tmp_path / "home"
-    command = [sys.executable, "-m", "api", "--port", str(port), "--model", str(source)]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "IMPETUS_HOME": str(home)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(process, url)
-        assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == ["tiny-llama-q4_0"]
+    with running_server(tmp_path / "home", str(source), tmp_path) as server:
+        assert [m["id"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]] == ["tiny-llama-q4_0"]
         body = {"model": "tiny-llama-q4_0", "messages": [{"role": "user", "content": "the"}], "max_tokens": 3}
-        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
         assert reply["usage"]["completion_tokens"] <= 3 and reply["model"] == "tiny-llama-q4_0"
-    finally:
-        process.terminate()
-        output, _ = process.communicate(timeout=30)
-    assert "Model ID:  tiny-llama-q4_0" in output and f"http://127.0.0.1:{port}/v1" in output
+    assert "Model ID:  tiny-llama-q4_0" in server.output() and f"{server.url}/v1" in server.output()
 
 
 def test_unknown_model_is_a_one_line_error(tmp_path):

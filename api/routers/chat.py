@@ -1,8 +1,7 @@
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
 
-from api.deps import RuntimeDep
-from api.responder import ChatShape, Responder, wait_started
+from api.deps import RuntimeDep, SettingsDep
+from api.responder import ChatShape, Responder, respond
 from api.schemas import ChatCompletionRequest
 from runtime.prompts import ChatPrompt
 
@@ -10,11 +9,9 @@ router = APIRouter(tags=["chat"])
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, runtime: RuntimeDep):
+async def chat_completions(body: ChatCompletionRequest, runtime: RuntimeDep, settings: SettingsDep):
     entry = runtime.resolve(body.model)
-    job = runtime.submit(entry, ChatPrompt(body.template_messages()), body.sampling())
-    await wait_started(job)
-    responder = Responder(ChatShape, entry.id, body.include_usage)
-    if body.stream:
-        return StreamingResponse(responder.stream(job), media_type="text/event-stream")
-    return await responder.complete(job)
+    prompt = ChatPrompt(body.template_messages(), body.tool_dicts(), body.tool_choice_value(), body.parallel_tool_calls)
+    job = runtime.submit(entry, prompt, body.sampling())
+    responder = Responder(ChatShape(settings.reasoning_field), entry.id, body.include_usage, settings.keepalive_seconds)
+    return await respond(job, responder, body.stream)

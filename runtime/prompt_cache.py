@@ -1,0 +1,88 @@
+"""Prefix KV cache across requests: reuse the longest cached token prefix (system prompt, tools,
+history), within a byte budget, and keep the newest entries on disk so a restarted server has them.
+
+Built on mlx-lm's LRUPromptCache (a token trie with LRU eviction) and its cache save/load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from mlx_lm.models.cache import (
+    LRUPromptCache,
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PromptCache:
+    def __init__(self, directory: Path | None, max_bytes: int, max_entries: int = 8, persisted: int = 4):
+        self.directory = directory
+        self.persisted = persisted
+        self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes)
+
+    def fetch(self, model_key: str, model, prompt: list[int]) -> tuple[list, int]:
+        """(a KV cache to continue from, how many prompt tokens it already holds)."""
+        cache, rest = self._lru.fetch_nearest_cache(model_key, prompt)
+        if cache is None:
+            return make_prompt_cache(model), 0
+        cached = len(prompt) - len(rest)
+        if cached == len(prompt):  # the model must still see at least one token
+            if not can_trim_prompt_cache(cache):
+                return make_prompt_cache(model), 0
+            trim_prompt_cache(cache, 1)
+            cached -= 1
+        return cache, cached
+
+    def store(self, model_key: str, tokens: list[int], cache: list) -> None:
+        """Keep a cache for `tokens` (prompt + generated); only the tokens it really holds count."""
+        held = tokens[: cache[0].offset] if cache and hasattr(cache[0], "offset") else tokens
+        if not held:
+            return
+        self._lru.insert_cache(model_key, held, cache)
+        if self.directory is not None:
+            self._persist(model_key, held, cache)
+
+    def restore(self, model_key: str) -> int:
+        """Load the entries persisted for a model; returns how many."""
+        if self.directory is None:
+            return 0
+        files = self._files(model_key)[: self.persisted]
+        for path in reversed(files):  # oldest first, so the newest ends most recently used
+            self._restore_one(model_key, path)
+        return len(files)
+
+    def _restore_one(self, model_key: str, path: Path) -> None:
+        try:
+            cache, metadata = load_prompt_cache(str(path), return_metadata=True)
+        except Exception as exc:  # a damaged file only costs its entry
+            log.warning("dropping unreadable prompt cache %s: %s", path, exc)
+            path.unlink(missing_ok=True)
+            return
+        self._lru.insert_cache(model_key, json.loads(metadata["tokens"]), cache)
+
+    def _folder(self, model_key: str) -> Path:
+        return self.directory / model_key
+
+    def _files(self, model_key: str) -> list[Path]:
+        folder = self._folder(model_key)
+        files = folder.glob("*.safetensors") if folder.is_dir() else []
+        return sorted(files, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+    def _persist(self, model_key: str, tokens: list[int], cache: list) -> None:
+        folder = self._folder(model_key)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:20]
+        partial = folder / f"{name}.partial.safetensors"
+        save_prompt_cache(str(partial), cache, metadata={"tokens": json.dumps(tokens)})
+        partial.replace(folder / f"{name}.safetensors")
+        for stale in self._files(model_key)[self.persisted :]:
+            stale.unlink(missing_ok=True)
