@@ -11,18 +11,33 @@ from pathlib import Path
 CHUNK = 1 << 20
 
 
+# Files beside a single-file source that a converter may read with it (config, tokenizer,
+# params.json, ONNX external data named after the model): they are part of its identity.
+SIDECAR_NAMES = {
+    "config.json", "params.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+}
+
+
 def files_of(source: Path) -> list[Path]:
-    if source.is_file():
-        return [source]
-    return sorted(p for p in source.rglob("*") if p.is_file())
+    if source.is_dir():
+        return sorted(p for p in source.rglob("*") if p.is_file())
+    return [source, *sidecars(source)]
+
+
+def sidecars(source: Path) -> list[Path]:
+    siblings = (p for p in source.parent.iterdir() if p.is_file() and p != source)
+    return sorted(p for p in siblings if p.name in SIDECAR_NAMES or p.name.startswith(f"{source.name}."))
 
 
 def content_hash(source: Path) -> str:
     """sha256 of the bytes (for a folder: of each file's relative name and bytes, in order)."""
     digest = hashlib.sha256()
+    root = source if source.is_dir() else source.parent
     for path in files_of(source):
-        if source.is_dir():
-            digest.update(str(path.relative_to(source)).encode() + b"\0")
+        if path != source:
+            digest.update(str(path.relative_to(root)).encode() + b"\0")
         with open(path, "rb") as handle:
             while chunk := handle.read(CHUNK):
                 digest.update(chunk)

@@ -59,3 +59,15 @@ def test_index_ignores_entries_whose_folder_is_gone(tmp_path, store):
     shutil.rmtree(result.path)
     assert store.entries() == []
     assert ModelStore(store.home).get(result.entry.id) is None
+
+
+def test_a_changed_sidecar_config_is_a_new_entry(tmp_path, store):
+    source = tiny(tmp_path)
+    sidecar = tmp_path / "config.json"
+    sidecar.write_text('{"note": 1}')
+    first = ensure_converted(source, store)
+    sidecar.write_text('{"note": 2}')
+
+    second = ensure_converted(source, store)
+
+    assert second.cached is False and second.entry.key != first.entry.key
