@@ -55,6 +55,13 @@ def entry_key(digest: str, fmt: str, fmt_version: str, options: dict) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
+# File or package names that say nothing about the model: its folder's name is used instead.
+GENERIC_STEMS = {"model", "pytorch_model", "consolidated", "weights", "checkpoint", "model-00001-of-00001"}
+
+
 def slug(source: Path) -> str:
-    stem = source.name if source.is_dir() else source.name.rsplit(".", 1)[0]
+    """A readable model id from the source's name, e.g. `SmolLM2-135M-Instruct.Q4_1.gguf` -> `smollm2-135m-instruct-q4_1`."""
+    stem = source.name.removesuffix(".mlpackage") if source.is_dir() else source.name.rsplit(".", 1)[0]
+    if stem.split(".")[0].lower() in GENERIC_STEMS:
+        stem = source.parent.name
     return re.sub(r"[^a-z0-9_]+", "-", stem.lower()).strip("-") or "model"

@@ -64,7 +64,7 @@ def is_pytorch_file(path: Path) -> bool:
     if not path.is_file():
         return False
     members = zip_members(path)
-    return any(m.endswith("data.pkl") for m in members) or (not members and is_pickle(path))
+    return any(m.endswith("data.pkl") for m in members) or (not members and is_pickle(path)) or (members == ["<damaged zip>"] and b"/data.pkl" in read_head(path, 512))
 
 
 def is_npz(path: Path) -> bool:
@@ -153,7 +153,7 @@ def is_mlx_folder(path: Path) -> bool:
 def is_hf_safetensors(path: Path) -> bool:
     if path.is_file():
         return is_safetensors_file(path)
-    return bool(_weight_shards(path)) and (path / "config.json").is_file() and not is_mlx_folder(path)
+    return bool(_weight_shards(path)) and not is_mlx_folder(path)
 
 
 def is_pytorch(path: Path) -> bool:

@@ -20,7 +20,17 @@ class SourceModel:
     # MLX quantisation block for config.json: {"group_size", "bits", "<layer path>": {...}}.
     quantization: dict | None = None
     notes: list[str] = field(default_factory=list)
+    # The file or folder the user gave, so that shared checks can name it in their errors.
+    source: Path | None = None
+    # Safetensors files that `mlx_lm.load` reads as they are (MLX checkpoints, HF shards wanted whole):
+    # the writer then copies them instead of rewriting `tensors()`.
+    adopt_files: Callable[[], list[Path]] | None = None
 
     @property
     def context_length(self) -> int | None:
         return self.config.get("max_position_embeddings")
+
+    @property
+    def label(self) -> str:
+        """How errors name this model: its source path when known."""
+        return str(self.source) if self.source else f"the {self.architecture} model"

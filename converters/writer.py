@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from tqdm import tqdm
 
+from converters.sniff import safetensors_header
 from converters.source import SourceModel
+from converters.validate import check_distinct, distinct, validate_checkpoint
 
 MAX_SHARD_BYTES = 5 * 10**9
 
@@ -21,10 +25,15 @@ class WrittenCheckpoint:
 
 
 def write_checkpoint(model: SourceModel, dest: Path) -> WrittenCheckpoint:
-    """Write weights shard by shard, then config and tokenizer, into `dest` (a fresh folder)."""
+    """Write weights shard by shard, then config and tokenizer, into `dest` (a fresh folder), and check
+    the result against the mlx-lm model before anyone can commit it to the cache."""
     dest.mkdir(parents=True)
-    weight_map = write_shards(model.tensors(), dest)
+    if model.adopt_files:
+        weight_map = adopt_shards(model.adopt_files(), dest, model.label)
+    else:
+        weight_map = write_shards(distinct(model.tensors(), model.label), dest)
     write_json(dest / "config.json", checkpoint_config(model))
+    validate_checkpoint(dest, model.label)
     model.save_tokenizer(dest)
     size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
     return WrittenCheckpoint(dest, size, len(set(weight_map.values())))
@@ -55,6 +64,22 @@ def write_shards(tensors, dest: Path) -> dict[str, str]:
         shard_files.append(flush_shard(shard, dest, len(shard_files)))
         names.append(list(shard))
     return name_shards(shard_files, names, dest)
+
+
+def adopt_shards(files: list[Path], dest: Path, label: str) -> dict[str, str]:
+    """Copy safetensors files that `mlx_lm.load` reads as they are, unchanged; returns the weight map."""
+    names = [tensor_names(file) for file in files]
+    check_distinct((name for group in names for name in group), label)
+    staged = [dest / f"partial-{number:05d}.safetensors" for number in range(len(files))]
+    for file, target in zip(tqdm(files, desc="copying shards", unit="shard", leave=False), staged):
+        # A copy, not a hard link: tools that re-save a checkpoint in place would otherwise change
+        # the cached entry behind its content hash. The kernel copies, so this costs no memory.
+        shutil.copyfile(file, target)
+    return name_shards(staged, names, dest)
+
+
+def tensor_names(file: Path) -> list[str]:
+    return [name for name in safetensors_header(file) or {} if name != "__metadata__"]
 
 
 def describe_quantization(block: dict | None) -> str:

@@ -18,13 +18,6 @@ IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
 TOLERANCE = 1e-3
 
 
-def exporter_for(fmt: str):
-    try:
-        return importlib.import_module(f"tests.exporters.{fmt}")
-    except ModuleNotFoundError:  # TEMPORARY while formats land: removed once all six exist
-        pytest.skip(f"no exporter for {fmt} yet")
-
-
 def reference(exporter, model, arch: str) -> np.ndarray:
     if hasattr(exporter, "reference_logits"):
         return exporter.reference_logits(model, arch, IDS)
@@ -34,7 +27,7 @@ def reference(exporter, model, arch: str) -> np.ndarray:
 @pytest.mark.parametrize("arch", HF_ARCH_NAMES)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_converted_model_matches_torch(fmt, arch, tmp_path, store):
-    exporter = exporter_for(fmt)
+    exporter = importlib.import_module(f"tests.exporters.{fmt}")
     model = build_hf_model(arch)
     source = exporter.export(model, arch, tmp_path)
 

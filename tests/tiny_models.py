@@ -60,10 +60,10 @@ def vocabulary() -> list[str]:
     return SPECIAL_TOKENS + list(bytes_to_unicode().values()) + merged
 
 
-def build_model(arch: TinyArch, seed: int = 0):
+def build_model(arch: TinyArch, seed: int = 0, hidden_size: int = 64, intermediate_size: int = 128):
     torch.manual_seed(seed)
     config = arch.config_class(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=len(vocabulary()), max_position_embeddings=512,
         rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=arch.tied,
         bos_token_id=1, eos_token_id=2,
@@ -146,6 +146,41 @@ def write_metadata(writer: gguf.GGUFWriter, config, arch: TinyArch) -> None:
     writer.add_chat_template(CHATML)
 
 
+# Where each type keeps its float16 block scales (d, dmin, m), as byte offsets in a block.
+F16_SCALE_OFFSETS = {
+    Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
+    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,),
+    Q.IQ2_XXS: (0,), Q.IQ2_XS: (0,), Q.IQ2_S: (0,), Q.IQ3_XXS: (0,), Q.IQ3_S: (0,), Q.IQ1_S: (0,),
+    Q.IQ4_NL: (0,), Q.IQ4_XS: (0,), Q.TQ1_0: (52,), Q.TQ2_0: (64,),
+}
+
+
+def random_blocks(qtype, rows: int, cols: int, rng: np.random.Generator, spread: float = 0.15) -> np.ndarray:
+    """Valid `qtype` data for a (rows, cols) weight: random codes, and block scales drawn so that the
+    weights' standard deviation is about `spread`. Returns the raw bytes, one row per weight row."""
+    block_size, type_size = gguf.constants.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(rows * cols // block_size, type_size), dtype=np.uint8)
+    if qtype == Q.MXFP4:  # one power-of-two scale byte; 2**(e - 128) * 12 is the largest weight
+        blocks[:, 0] = rng.integers(121, 124, size=len(blocks))
+        return blocks.reshape(rows, -1)
+    unit = rng.uniform(0.5, 1.0, size=(len(blocks), 2)) * rng.choice([-1.0, 1.0], size=(len(blocks), 2))
+    set_block_scales(blocks, qtype, unit)
+    typical = float(np.std(gguf.quants.dequantize(blocks, qtype)))
+    set_block_scales(blocks, qtype, unit * spread / typical)
+    return blocks.reshape(rows, -1)
+
+
+def set_block_scales(blocks: np.ndarray, qtype, values: np.ndarray) -> None:
+    halves = values.astype(np.float16).view(np.uint16)
+    if qtype == Q.IQ1_M:  # its one f16 scale is spread over the top nibbles of four uint16 fields
+        fields = blocks[:, 48:56].copy().view(np.uint16)
+        nibbles = (halves[:, :1] >> np.arange(0, 16, 4, dtype=np.uint16)) & 0xF
+        blocks[:, 48:56] = ((fields & 0x0FFF) | (nibbles << 12)).view(np.uint8)
+        return
+    for column, offset in enumerate(F16_SCALE_OFFSETS[qtype]):
+        blocks[:, offset:offset + 2] = np.ascontiguousarray(halves[:, column:column + 1]).view(np.uint8)
+
+
 def reference_logits(model, qtype, ids: list[int]) -> np.ndarray:
     """torch logits with every weight replaced by what the GGUF file holds for it."""
     state = {name: torch.from_numpy(round_trip(t.detach().numpy(), qtype)) for name, t in model.state_dict().items()}
@@ -179,7 +214,8 @@ def _hf_classes():
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, flat_rope),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {**flat_rope, "head_dim": 16}),
         "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, flat_rope),
-        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**flat_rope, "head_dim": 16, "sliding_window": 8}),
+        # mlx-lm's gemma2 module has no sliding-window mask: keep the window past the test's 12 tokens.
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**flat_rope, "head_dim": 16, "sliding_window": 16}),
         "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {**gemma3_rope, "head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 2}),
     }
 
