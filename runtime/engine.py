@@ -154,7 +154,7 @@ class Runtime:
             plan, cache = self._plan(loaded, job)
             job.events.put(Started(len(plan.prompt), plan.budget, plan.cached))
             self._generate(loaded, job, plan, cache)
-            self.prompt_cache.store(loaded.cache_key, plan.prompt + plan.generated, cache)
+            self.prompt_cache.store(loaded.cache_key, plan.prompt + plan.sampled, cache)
         except ImpetusError as exc:
             job.events.put(Failed(exc))
         except Exception as exc:

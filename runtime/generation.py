@@ -60,6 +60,8 @@ class Plan:
     parser: OutputParser
     processors: list = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
+    # Every sampled token, EOS included: the model has seen them all, so the KV cache holds them.
+    sampled: list[int] = field(default_factory=list)
 
 
 def token_budget(prompt_tokens: int, requested: int | None, context_length: int) -> int:
@@ -92,6 +94,7 @@ def generate(model, tokenizer, plan: Plan, cache: list, cancelled: threading.Eve
     )
     finish = "length"
     for response in responses:
+        plan.sampled.append(response.token)
         if response.finish_reason != "stop":  # mlx-lm reports the EOS token itself with "stop"
             plan.generated.append(response.token)
         yield from plan.parser.feed(response.text)

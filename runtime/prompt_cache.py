@@ -43,8 +43,8 @@ class PromptCache:
         return cache, cached
 
     def store(self, model_key: str, tokens: list[int], cache: list) -> None:
-        """Keep a cache for `tokens` (prompt + generated); only the tokens it really holds count."""
-        held = tokens[: cache[0].offset] if cache and hasattr(cache[0], "offset") else tokens
+        """Keep a cache under exactly the tokens it holds (prompt + sampled, cut or trimmed to match)."""
+        held = aligned_tokens(tokens, cache)
         if not held:
             return
         self._lru.insert_cache(model_key, held, cache)
@@ -86,3 +86,16 @@ class PromptCache:
         partial.replace(folder / f"{name}.safetensors")
         for stale in self._files(model_key)[self.persisted :]:
             stale.unlink(missing_ok=True)
+
+
+def aligned_tokens(tokens: list[int], cache: list) -> list[int] | None:
+    """The tokens whose keys and values `cache` holds; None if that cannot be made exact."""
+    offset = getattr(cache[0], "offset", None) if cache else None
+    if offset is None:
+        return None
+    if offset > len(tokens):  # it saw a token we did not record: drop it, or do not keep the cache
+        if not can_trim_prompt_cache(cache):
+            return None
+        trim_prompt_cache(cache, offset - len(tokens))
+        return tokens
+    return tokens[:offset]

@@ -63,3 +63,15 @@ def test_same_seed_same_sample(runtime, smollm2):
     first, _ = run(runtime, smollm2.entry, story, temperature=1.0, max_tokens=12, seed=7)
     second, _ = run(runtime, smollm2.entry, story, temperature=1.0, max_tokens=12, seed=7)
     assert first == second
+
+
+def test_follow_up_turns_reuse_the_cache_and_stay_correct(runtime, smollm2):
+    """The cached prefix must hold exactly the tokens it is filed under, EOS of the last reply included."""
+    first_text, first = run(runtime, smollm2.entry, CAPITAL, temperature=0.0, max_tokens=24)
+    follow_up = CAPITAL + [{"role": "assistant", "content": first_text}, {"role": "user", "content": "What is the capital of France?"}]
+    _, again = run(runtime, smollm2.entry, CAPITAL, temperature=0.0, max_tokens=24)
+    text, second = run(runtime, smollm2.entry, follow_up, temperature=0.0, max_tokens=24)
+    fresh_text, _ = run(Runtime(runtime.store), smollm2.entry, follow_up, temperature=0.0, max_tokens=24)
+    assert again.cached_tokens == first.prompt_tokens - 1
+    assert second.cached_tokens > first.prompt_tokens
+    assert text == fresh_text and "Paris" in text
