@@ -39,7 +39,7 @@ test: $(READY) system-deps $(CLINE)
 
 $(CLINE): tests/cline/package.json tests/cline/package-lock.json
 	@command -v npm >/dev/null 2>&1 || { echo "warning: npm not found, so the Cline CLI test cannot run"; exit 0; }; \
-	npm ci --prefix tests/cline --no-audit --no-fund --loglevel=error
+	npm install --prefix tests/cline --no-audit --no-fund --loglevel=error
 
 app: $(READY)
 	$(PY) -m app --port $(PORT)
