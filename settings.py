@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL_ALIAS = "default"
@@ -22,6 +22,15 @@ class Settings:
     prompt_cache_bytes: int = 2 << 30
     # SSE comments sent while a stream waits (load, long prefill), so clients do not time out.
     keepalive_seconds: float = 10.0
+    # Folders whose model files a request may name by path (converted on first use).
+    model_roots: tuple[Path, ...] = ()
+    # How long an idle model stays loaded (seconds; negative: until evicted), as Ollama's keep_alive.
+    keep_alive_seconds: float = 1800.0
+    # Memory the resident models may take together; None: half the memory available at start.
+    resident_bytes: int | None = None
+    upload_max_bytes: int = 64 << 30
+    # Per-model tool-call parser overrides: model id -> an mlx-lm parser module, or "hermes".
+    tool_parsers: dict = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -32,11 +41,44 @@ class Settings:
             api_key=os.environ.get("IMPETUS_API_KEY") or None,
             prompt_cache_bytes=int(os.environ.get("IMPETUS_PROMPT_CACHE_BYTES", 2 << 30)),
             keepalive_seconds=float(os.environ.get("IMPETUS_KEEPALIVE_SECONDS", 10.0)),
+            model_roots=tuple(Path(p).expanduser() for p in os.environ.get("IMPETUS_MODEL_ROOTS", "").split(os.pathsep) if p),
+            keep_alive_seconds=parse_duration(os.environ.get("IMPETUS_KEEP_ALIVE", "30m")),
+            resident_bytes=int(os.environ["IMPETUS_RESIDENT_BYTES"]) if os.environ.get("IMPETUS_RESIDENT_BYTES") else None,
+            upload_max_bytes=int(os.environ.get("IMPETUS_UPLOAD_MAX_BYTES", 64 << 30)),
+            tool_parsers=parse_pairs(os.environ.get("IMPETUS_TOOL_PARSERS", "")),
         )
 
     @property
     def prompt_cache_dir(self) -> Path:
         return self.home / "prompt-cache"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.home / "uploads"
+
+    @property
+    def model_config_dirs(self) -> list[Path]:
+        """`config/models/*.json|yaml` in the settings root and in the working folder."""
+        return [self.home / "config" / "models", Path.cwd() / "config" / "models"]
+
+
+def parse_pairs(text: str) -> dict[str, str]:
+    """'model-a=json_tools,model-b=hermes' -> {'model-a': 'json_tools', 'model-b': 'hermes'}."""
+    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Ollama's keep_alive values: seconds as a number, or '30s', '5m', '1h'; negative keeps forever."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = value.strip().lower()
+    if text and text[-1] in DURATION_UNITS:
+        return float(text[:-1]) * DURATION_UNITS[text[-1]]
+    return float(text)
 
     @property
     def models_dir(self) -> Path:

@@ -41,10 +41,14 @@ def startup_model(name: str, store: ModelStore) -> Entry:
 
 def build_runtime(settings: Settings, store: ModelStore, entry: Entry):
     from runtime.engine import Runtime
+    from runtime.hardware import available_memory
     from runtime.prompt_cache import PromptCache
+    from runtime.residency import Residency
 
     prompt_cache = PromptCache(settings.prompt_cache_dir, settings.prompt_cache_bytes)
-    return Runtime(store, aliases={DEFAULT_MODEL_ALIAS: entry.id}, prompt_cache=prompt_cache)
+    residency = Residency(settings.resident_bytes or available_memory() // 2, settings.keep_alive_seconds)
+    return Runtime(store, aliases={DEFAULT_MODEL_ALIAS: entry.id}, prompt_cache=prompt_cache,
+                   residency=residency, tool_parsers=settings.tool_parsers)
 
 
 def banner(model_id: str, host: str, port: int) -> str:

@@ -7,7 +7,9 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, HTTPException, Request
 
 from api.errors import install_error_handlers
-from api.routers import chat, completions, health, lmstudio, manage, models
+from api.routers import chat, completions, health, lmstudio, manage, models, system
+from runtime.catalog import Catalog
+from runtime.conversions import Conversions
 from runtime.engine import Runtime
 from settings import Settings
 
@@ -26,9 +28,11 @@ def create_app(runtime: Runtime, settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="Impetus", description="Local models through an OpenAI-compatible API", lifespan=lifespan)
     app.state.runtime = runtime
-    app.state.settings = settings or Settings.from_env()
+    app.state.settings = settings = settings or Settings.from_env()
+    app.state.catalog = Catalog(runtime.store, runtime.aliases, settings.model_config_dirs, list(settings.model_roots))
+    app.state.conversions = Conversions(runtime.store)
     install_error_handlers(app)
     app.include_router(health.router)
-    for router in (models.router, chat.router, completions.router, manage.router, lmstudio.router):
+    for router in (models.router, chat.router, completions.router, manage.router, lmstudio.router, system.router):
         app.include_router(router, dependencies=[Depends(require_key)])
     return app

@@ -4,6 +4,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from runtime.catalog import Catalog
+from runtime.conversions import Conversions
 from runtime.engine import Runtime
 from settings import Settings
 
@@ -18,3 +20,15 @@ def get_settings(request: Request) -> Settings:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_catalog(request: Request) -> Catalog:
+    return request.app.state.catalog
+
+
+def get_conversions(request: Request) -> Conversions:
+    return request.app.state.conversions
+
+
+CatalogDep = Annotated[Catalog, Depends(get_catalog)]
+ConversionsDep = Annotated[Conversions, Depends(get_conversions)]

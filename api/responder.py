@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from api.errors import describe_domain_error
+from runtime.catalog import ModelRef
+from runtime.conversions import Conversions
 from runtime.engine import Job
 from runtime.generation import Delta, Failed, Finished, Started, ToolCalls
 
@@ -31,6 +33,13 @@ async def wait_started(job: Job, timeout: float | None = None) -> Started | None
     if isinstance(event, Failed):
         raise event.error
     return event
+
+
+def drain(updates: asyncio.Queue) -> dict | None:
+    latest = None
+    while not updates.empty():
+        latest = updates.get_nowait()
+    return latest
 
 
 def sse(data) -> str:
@@ -122,14 +131,28 @@ class CompletionShape:
 HEADER_WAIT_SECONDS = 1.0
 
 
-async def respond(job: Job, responder: "Responder", stream: bool):
-    """The HTTP answer for a submitted job: a StreamingResponse, or the whole body as a dict."""
+async def respond(ref: ModelRef, conversions: Conversions, submit, responder: "Responder", stream: bool):
+    """The HTTP answer: a StreamingResponse, or the whole body as a dict. `submit(entry) -> Job`.
+
+    A model that must be converted first gets a stream at once, kept alive with progress comments."""
     from fastapi.responses import StreamingResponse
 
+    if ref.entry is None and stream:
+        preparing = responder.stream_after(conversions.ensure, ref.source, submit)
+        return StreamingResponse(preparing, media_type="text/event-stream")
+    entry = ref.entry or await conversions.ensure(ref.source)
+    responder.model_id = entry.id
+    job = submit(entry)
     await wait_started(job, HEADER_WAIT_SECONDS if stream else None)
     if stream:
         return StreamingResponse(responder.stream(job), media_type="text/event-stream")
     return await responder.complete(job)
+
+
+def progress_comment(update: dict) -> str:
+    done, total = update.get("done"), update.get("total")
+    amount = f" {done}/{total}" if total else ""
+    return f": converting {update.get('stage', '')}{amount}\n\n"
 
 
 class Responder:
@@ -156,6 +179,22 @@ class Responder:
         if self.include_usage:
             extra.setdefault("usage", None)
         return sse(self.body(self.shape.chunk_object, choices, **extra))
+
+    async def stream_after(self, ensure, source, submit) -> AsyncIterator[str]:
+        """Convert `source` (progress as SSE comments), then stream the job `submit(entry)` makes."""
+        updates: asyncio.Queue = asyncio.Queue()
+        preparing = asyncio.create_task(ensure(source, updates.put_nowait))
+        while not preparing.done():
+            await asyncio.wait({preparing}, timeout=self.keepalive_seconds)
+            latest = drain(updates)
+            yield progress_comment(latest) if latest else KEEPALIVE
+        if preparing.exception() is not None:
+            yield sse(describe_domain_error(preparing.exception())[1])
+            yield sse("[DONE]")
+            return
+        self.model_id = preparing.result().id
+        async for line in self.stream(submit(preparing.result())):
+            yield line
 
     async def stream(self, job: Job) -> AsyncIterator[str]:
         try:

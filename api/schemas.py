@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runtime.generation import SamplingParams
+from settings import parse_duration
 
 # Ollama and LM Studio both sample at 0.8 when a client sends no temperature.
 DEFAULT_TEMPERATURE = 0.8
@@ -57,6 +58,18 @@ class GenerationRequest(Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    # Ollama's keep_alive: how long the model stays loaded after this request ("5m", 30, -1).
+    keep_alive: str | float | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def duration(cls, value):
+        if value is None:
+            return None
+        try:
+            return parse_duration(value)
+        except ValueError:
+            raise ValueError("keep_alive takes seconds or a duration such as '30s', '5m', '1h'") from None
 
     @field_validator("n")
     @classmethod

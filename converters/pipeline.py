@@ -39,6 +39,13 @@ def ensure_converted(source: Path, store: ModelStore, options: dict | None = Non
     return Conversion(entry, store.checkpoint_path(entry), cached, time.perf_counter() - started)
 
 
+def already_converted(source: Path, store: ModelStore, options: dict | None = None) -> Entry | None:
+    """The cached entry for a source seen before at this path, unchanged; no hashing, no heavy imports."""
+    source = source.expanduser().absolute()
+    fmt = detect(source)
+    return store.find_source(source, stat_fingerprint(source), fmt.name, fmt.version, options or {})
+
+
 def lookup(store: ModelStore, source: Path, fingerprint: list[int], fmt: Format, options: dict):
     """(entry or None, content hash, key): by known path and stat first, else by full hash."""
     entry = store.find_source(source, fingerprint, fmt.name, fmt.version, options)

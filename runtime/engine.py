@@ -15,12 +15,13 @@ from pathlib import Path
 
 from cache.store import Entry, ModelStore
 from converters.errors import ImpetusError, ModelNotFoundError
-from runtime.errors import ModelLoadError
-from runtime.hardware import prefers_fp32_weights
+from runtime.errors import ModelLoadError, OutOfMemoryError
+from runtime.hardware import available_memory, prefers_fp32_weights
+from runtime.residency import Residency
 from runtime.generation import Failed, Finished, Plan, SamplingParams, Started, generate, token_budget
 from runtime.plans import parser_for, processors_for
 from runtime.prompt_cache import PromptCache
-from runtime.tools import ToolDialect, dialect_for
+from runtime.tools import HERMES, ToolDialect, dialect_for
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Job:
     entry: Entry
     prompt: object  # ChatPrompt or TextPrompt
     params: SamplingParams
+    keep_alive: float | None = None  # seconds the model stays loaded after this job; None: default
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -81,11 +83,14 @@ class RuntimeStats:
 
 
 class Runtime:
-    def __init__(self, store: ModelStore, aliases: dict[str, str] | None = None, prompt_cache: PromptCache | None = None):
+    def __init__(self, store: ModelStore, aliases: dict[str, str] | None = None, prompt_cache: PromptCache | None = None,
+                 residency: Residency | None = None, tool_parsers: dict[str, str] | None = None):
         self.store = store
         self.aliases = aliases or {}
         self.prompt_cache = prompt_cache or PromptCache(None, max_bytes=1 << 30)
-        self.loaded: LoadedModel | None = None
+        self.residency = residency or Residency(budget_bytes=available_memory() // 2)
+        self.tool_parsers = tool_parsers or {}
+        self.loaded: LoadedModel | None = None  # the model used last
         self.stats = RuntimeStats()
         self._jobs: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="mlx-runtime", daemon=True)
@@ -101,24 +106,55 @@ class Runtime:
             )
         return entry
 
-    def submit(self, entry: Entry, prompt, params: SamplingParams) -> Job:
-        job = Job(entry, prompt, params)
+    def submit(self, entry: Entry, prompt, params: SamplingParams, keep_alive: float | None = None) -> Job:
+        job = Job(entry, prompt, params, keep_alive)
         self._jobs.put(job)
         return job
 
-    def preload(self, entry: Entry) -> None:
+    def preload(self, entry: Entry, pinned: bool | None = None, keep_alive: float | None = None) -> None:
         """Load a model now (blocking), so the first request does not wait for it."""
+        self._call(lambda: self._hold(entry, keep_alive, pinned))
+
+    def set_budget(self, size: int) -> None:
+        def apply() -> None:
+            self.residency.budget_bytes = size
+            if evicted := self.residency.make_room(0):
+                self._forget(evicted)
+
+        self._call(apply)
+
+    def unload(self, entry: Entry) -> None:
+        self._call(lambda: self._unload(entry.key))
+
+    def _call(self, function):
+        """Run `function` on the MLX thread and hand back its result or its exception."""
         done: queue.Queue = queue.Queue()
 
         def task() -> None:
             try:
-                done.put(self._ensure_loaded(entry))
-            except Exception as exc:  # handed back to the caller's thread, raised there
+                done.put(function())
+            except Exception as exc:  # raised again in the caller's thread
                 done.put(exc)
 
         self._jobs.put(task)
         if isinstance(result := done.get(), Exception):
             raise result
+        return result
+
+    def _hold(self, entry: Entry, keep_alive: float | None, pinned: bool | None) -> LoadedModel:
+        loaded = self._ensure_loaded(entry)
+        self.residency.keep(entry.key, keep_alive, pinned)
+        return loaded
+
+    def _unload(self, key: str) -> None:
+        self.residency.drop(key)
+        self._forget([key])
+
+    def _forget(self, keys: list[str]) -> None:
+        """After unloading: no stale 'last used' model, and MLX's cache handed back."""
+        if self.loaded and self.loaded.entry.key in keys:
+            self.loaded = None
+        clear_memory()
 
     def status(self) -> dict:
         import mlx.core as mx
@@ -130,6 +166,8 @@ class Runtime:
             "runtime": runtime_report(),
             "model": self.loaded.entry.id if self.loaded else None,
             "layout": self.loaded.layout if self.loaded else None,
+            "resident": self.residency.describe(),
+            "resident_budget_bytes": self.residency.budget_bytes,
             "memory_bytes": mx.get_active_memory(),
             "peak_memory_bytes": mx.get_peak_memory(),
         }
@@ -139,11 +177,24 @@ class Runtime:
         self._worker.join(timeout=10)
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if callable(job):
+        while (job := self._next_job()) is not None:
+            if job is IDLE:
+                self._expire()
+            elif callable(job):
                 job()
             else:
                 self._run(job)
+
+    def _next_job(self):
+        try:
+            return self._jobs.get(timeout=self.residency.next_expiry_in())
+        except queue.Empty:
+            return IDLE
+
+    def _expire(self) -> None:
+        if gone := self.residency.expire():
+            log.info("unloaded idle models: %s", ", ".join(gone))
+            self._forget(gone)
 
     def _run(self, job: Job) -> None:
         if job.cancelled.is_set():  # its client left while it waited in the queue
@@ -158,8 +209,21 @@ class Runtime:
         except ImpetusError as exc:
             job.events.put(Failed(exc))
         except Exception as exc:
+            job.events.put(Failed(self._generation_failure(exc)))
+        self.residency.keep(job.entry.key, job.keep_alive)
+        if job.keep_alive == 0:
+            self._expire()
+
+    def _generation_failure(self, exc: Exception) -> Exception:
+        if not is_out_of_memory(exc):
             log.exception("generation failed")
-            job.events.put(Failed(exc))
+            return exc
+        others = self.residency.evict_others(self.loaded.entry.key if self.loaded else None)
+        self._forget(others)
+        return OutOfMemoryError(
+            f"out of memory while generating; unloaded {len(others)} other model(s). "
+            "Retry, shorten the prompt, or use a smaller model"
+        )
 
     def _plan(self, loaded: LoadedModel, job: Job) -> tuple[Plan, list]:
         tokens = job.prompt.tokens(loaded.tokenizer, loaded.dialect)
@@ -180,29 +244,71 @@ class Runtime:
         self.stats.record(event, time.perf_counter() - started)
 
     def _ensure_loaded(self, entry: Entry) -> LoadedModel:
-        if self.loaded and self.loaded.entry.key == entry.key:
-            return self.loaded
-        self.loaded = None  # drop the old model before loading the next: one resident model
+        if (resident := self.residency.get(entry.key)) is not None:
+            self.loaded = resident
+            return resident
+        if evicted := self.residency.make_room(estimated_bytes(entry)):
+            log.info("unloaded %s to make room for %s", ", ".join(evicted), entry.id)
+            self._forget(evicted)
         self.stats.state = "loading"
         try:
-            self.loaded = load(entry, self.store.checkpoint_path(entry))
-            self.prompt_cache.restore(self.loaded.cache_key)
+            loaded, size = self._load_measured(entry)
         finally:
             self.stats.state = "idle"
-        return self.loaded
+        self.residency.admit(entry.key, loaded, size)
+        self.prompt_cache.restore(loaded.cache_key)
+        self.loaded = loaded
+        return loaded
+
+    def _load_measured(self, entry: Entry) -> tuple[LoadedModel, int]:
+        import mlx.core as mx
+
+        before = mx.get_active_memory()
+        try:
+            loaded = self._load(entry)
+        except OutOfMemoryError:
+            log.warning("out of memory loading %s: unloading every unpinned model and retrying", entry.id)
+            self._forget(self.residency.evict_unpinned())
+            loaded = self._load(entry)
+        return loaded, max(mx.get_active_memory() - before, 0) or entry.size_bytes
+
+    def _load(self, entry: Entry) -> LoadedModel:
+        return load(entry, self.store.checkpoint_path(entry), self.tool_parsers.get(entry.id))
 
 
-def load(entry: Entry, path: Path) -> LoadedModel:
+IDLE = object()  # the worker's wake-up to unload idle models
+
+
+def clear_memory() -> None:
+    import mlx.core as mx
+
+    mx.clear_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and ("alloc" in text or "out of memory" in text))
+
+
+def estimated_bytes(entry: Entry) -> int:
+    return entry.parameters * 4 if prefers_fp32_weights(entry.parameters) else entry.size_bytes
+
+
+def load(entry: Entry, path: Path, tool_parser: str | None = None) -> LoadedModel:
     from mlx_lm import load as mlx_load
 
     log.info("loading %s from %s", entry.id, path)
+    native_parser = tool_parser if tool_parser not in (None, "hermes") else None
     try:
-        model, tokenizer = mlx_load(str(path))
+        model, tokenizer = mlx_load(str(path), tokenizer_config={"tool_parser_type": native_parser} if native_parser else None)
     except Exception as exc:  # mlx-lm raises plain ValueError/FileNotFoundError etc.
+        if is_out_of_memory(exc):
+            raise OutOfMemoryError(f"not enough memory to load '{entry.id}' ({entry.size_bytes / 1e9:.1f} GB)") from exc
         raise ModelLoadError(f"could not load '{entry.id}' from {path}: {exc}; try converting it again") from exc
+    dialect = HERMES if tool_parser == "hermes" else dialect_for(tokenizer)
     if prefers_fp32_weights(entry.parameters):
-        return LoadedModel(entry, as_float32(model), tokenizer, dialect_for(tokenizer), layout="float32")
-    return LoadedModel(entry, model, tokenizer, dialect_for(tokenizer))
+        return LoadedModel(entry, as_float32(model), tokenizer, dialect, layout="float32")
+    return LoadedModel(entry, model, tokenizer, dialect)
 
 
 def as_float32(model):

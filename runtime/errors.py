@@ -20,3 +20,7 @@ class ModelLoadError(ImpetusError):
 
 class PromptError(ImpetusError):
     """The request's messages or prompt could not be turned into tokens."""
+
+
+class OutOfMemoryError(ModelLoadError):
+    """Not enough memory for a model or a request, even after unloading others."""

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 class PromptCache:
     def __init__(self, directory: Path | None, max_bytes: int, max_entries: int = 8, persisted: int = 4):
         self.directory = directory
+        self.max_bytes = max_bytes
         self.persisted = persisted
         self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes)
 

@@ -1,6 +1,6 @@
 from fastapi import APIRouter
 
-from api.deps import RuntimeDep, SettingsDep
+from api.deps import CatalogDep, ConversionsDep, RuntimeDep, SettingsDep
 from api.responder import CompletionShape, Responder, respond
 from api.schemas import CompletionRequest
 from runtime.prompts import TextPrompt
@@ -9,8 +9,11 @@ router = APIRouter(tags=["completions"])
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, runtime: RuntimeDep, settings: SettingsDep):
-    entry = runtime.resolve(body.model)
-    job = runtime.submit(entry, TextPrompt(body.prompt), body.sampling())
-    responder = Responder(CompletionShape(), entry.id, body.include_usage, settings.keepalive_seconds)
-    return await respond(job, responder, body.stream)
+async def completions(body: CompletionRequest, runtime: RuntimeDep, settings: SettingsDep,
+                      catalog: CatalogDep, conversions: ConversionsDep):
+    ref = catalog.locate(body.model)
+    responder = Responder(CompletionShape(), ref.entry.id if ref.entry else body.model, body.include_usage,
+                          settings.keepalive_seconds)
+    prompt = TextPrompt(body.prompt)
+    return await respond(ref, conversions, lambda entry: runtime.submit(entry, prompt, body.sampling(), body.keep_alive),
+                         responder, body.stream)

@@ -1,0 +1,22 @@
+"""What Impetus found on this machine and chose from it."""
+
+from fastapi import APIRouter
+
+from api.deps import RuntimeDep
+
+router = APIRouter(prefix="/api/system", tags=["system"])
+
+
+@router.get("/optimization")
+def optimization(runtime: RuntimeDep) -> dict:
+    from runtime.hardware import runtime_report
+
+    loaded = runtime.loaded
+    return {
+        "hardware": runtime_report(),
+        "choices": {
+            "layout": loaded.layout if loaded else None,
+            "resident_budget_bytes": runtime.residency.budget_bytes,
+            "prompt_cache_budget_bytes": runtime.prompt_cache.max_bytes,
+        },
+    }
