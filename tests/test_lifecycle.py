@@ -27,10 +27,15 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def server(models, home, tmp_path_factory):
     root, paths = models
     env = {"IMPETUS_MODEL_ROOTS": str(root), "IMPETUS_UPLOAD_MAX_BYTES": "200000", "IMPETUS_KEEP_ALIVE": "-1"}
-    with running_server(tmp_path_factory.mktemp("home"), str(paths["tiny-a"]), tmp_path_factory.mktemp("log"), **env) as running:
+    with running_server(home, str(paths["tiny-a"]), tmp_path_factory.mktemp("log"), **env) as running:
         yield running.url
 
 
@@ -130,3 +135,15 @@ def test_upload_rejects_oversized_and_non_model_files_and_serves_a_good_one(serv
 def test_system_optimization_reports_hardware_and_choices(server):
     report = httpx.get(f"{server}/api/system/optimization").json()
     assert report["hardware"]["device"] and report["choices"]["resident_budget_bytes"] > 0
+
+
+def test_model_configuration_file_names_a_model(server, home, tmp_path):
+    arch = ARCHS["llama"]
+    source = write_gguf(build_model(arch, seed=33), arch, tmp_path / "configured.gguf", Q.Q4_0)
+    folder = home / "config" / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mine.yaml").write_text(f"model_id: my-tiny\ndisplay_name: My tiny model\npath: {source}\n")
+
+    reply = chat(server, "my-tiny")
+
+    assert reply.status_code == 200 and reply.json()["model"] == "configured"
