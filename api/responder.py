@@ -14,7 +14,7 @@ from api.errors import describe_domain_error
 from runtime.catalog import ModelRef
 from runtime.conversions import Conversions
 from runtime.engine import Job
-from runtime.generation import Delta, Failed, Finished, Started, ToolCalls
+from runtime.generation import Failed, Finished, Started, ToolCalls
 
 KEEPALIVE = ": keepalive\n\n"
 

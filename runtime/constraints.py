@@ -8,7 +8,6 @@ with plain MLX ops, so it works on every MLX backend.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 
 import llguidance
 import llguidance.hf

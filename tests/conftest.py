@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,6 +52,33 @@ def shared_home(tmp_path_factory) -> Path:
 def smollm2(smollm2_gguf, shared_home):
     """The real SmolLM2 GGUF converted once for the whole session."""
     return ensure_converted(smollm2_gguf, ModelStore(shared_home))
+
+
+def folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        digest.update(file.name.encode() + (file.read_bytes() if file.is_file() else b""))
+    return digest.hexdigest()
+
+
+def assert_refused_and_cache_untouched(source: Path, named: str, expected: str, template_home: Path, home: Path) -> None:
+    """`convert.py source` fails with one `error:` line naming `named` and saying `expected`, and a copy of
+    `template_home` keeps exactly the entries it had, byte for byte."""
+    shutil.copytree(template_home, home)
+    before = ModelStore(home).entries()
+    digests = {entry.key: folder_digest(ModelStore(home).checkpoint_path(entry)) for entry in before}
+
+    result = run_cli("convert.py", str(source), home=home)
+
+    assert result.returncode != 0
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert expected in errors[0] and named in errors[0], errors[0]
+    store = ModelStore(home)
+    assert store.entries() == before
+    assert sorted(p.name for p in store.models_dir.iterdir()) == sorted(digests)
+    assert {key: folder_digest(store.models_dir / key) for key in digests} == digests
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@ projections regrouped, external data read only from the model's folder, and dama
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -15,11 +14,10 @@ import pytest
 from mlx_lm import load
 from onnx import TensorProto, helper, numpy_helper
 
-from cache.store import ModelStore
 from converters.errors import ConversionError
 from converters.onnx_format import read
 from converters.pipeline import ensure_converted
-from tests.conftest import run_cli
+from tests.conftest import assert_refused_and_cache_untouched, run_cli
 from tests.exporters.onnx import EXAMPLE_IDS, export
 from tests.tiny_models import build_hf_model, torch_logits
 
@@ -357,13 +355,6 @@ def test_external_data_outside_the_folder_is_refused(llama_onnx, tmp_path, locat
 # ---- damaged input through the real CLI ----
 
 
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(folder.rglob("*")):
-        digest.update(file.name.encode() + (file.read_bytes() if file.is_file() else b""))
-    return digest.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def converted_home(llama_onnx, tmp_path_factory) -> Path:
     """An Impetus home holding one good conversion, copied by each test that must leave it untouched."""
@@ -424,18 +415,4 @@ K_PROJ = "model.layers.1.self_attn.k_proj.weight"
 def test_damaged_input_is_one_line_error_and_cache_untouched(llama_onnx, converted_home, tmp_path, damage, named, expected):
     source = copy_of(llama_onnx, tmp_path / "bad-input")
     damage(source)
-    home = shutil.copytree(converted_home, tmp_path / "home")
-    before = ModelStore(home).entries()
-    digests = {entry.key: folder_digest(ModelStore(home).checkpoint_path(entry)) for entry in before}
-
-    result = run_cli("convert.py", str(source), home=home)
-
-    assert result.returncode != 0
-    assert result.stdout == "" and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert expected in errors[0] and named in errors[0], errors[0]
-    store = ModelStore(home)
-    assert store.entries() == before
-    assert {key: folder_digest(store.models_dir / key) for key in digests} == digests
-    assert sorted(p.name for p in store.models_dir.iterdir()) == sorted(digests)
+    assert_refused_and_cache_untouched(source, named, expected, converted_home, tmp_path / "home")

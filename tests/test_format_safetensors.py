@@ -15,10 +15,9 @@ import torch
 from mlx_lm import load
 from safetensors.numpy import load_file, save_file
 
-from cache.store import ModelStore
 from converters.errors import ConversionError
 from converters.pipeline import ensure_converted
-from tests.conftest import run_cli
+from tests.conftest import assert_refused_and_cache_untouched, run_cli
 from tests.tiny_models import build_hf_model, save_hf_folder, torch_logits
 
 IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
@@ -254,37 +253,12 @@ def remove_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(folder.rglob("*")):
-        digest.update(file.name.encode() + (file.read_bytes() if file.is_file() else b""))
-    return digest.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def converted_home(llama_folder, tmp_path_factory) -> Path:
     """An Impetus home holding one good conversion, copied by each test that must leave it untouched."""
     home = tmp_path_factory.mktemp("home") / "home"
     assert run_cli("convert.py", str(llama_folder), home=home).returncode == 0
     return home
-
-
-def assert_refused_and_cache_untouched(source: Path, named: str, expected: str, template_home: Path, home: Path) -> None:
-    shutil.copytree(template_home, home)
-    before = ModelStore(home).entries()
-    digests = {entry.key: folder_digest(ModelStore(home).checkpoint_path(entry)) for entry in before}
-
-    result = run_cli("convert.py", str(source), home=home)
-
-    assert result.returncode != 0
-    assert result.stdout == "" and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert expected in errors[0] and named in errors[0], errors[0]
-    store = ModelStore(home)
-    assert store.entries() == before
-    assert sorted(p.name for p in store.models_dir.iterdir()) == sorted(digests)
-    assert {key: folder_digest(store.models_dir / key) for key in digests} == digests
 
 
 @pytest.mark.parametrize(
