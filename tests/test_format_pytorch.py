@@ -19,7 +19,7 @@ from cache.store import ModelStore
 from converters.pipeline import ensure_converted
 from tests.conftest import run_cli
 from tests.exporters.pytorch import export, export_meta
-from tests.tiny_models import HF_COMMON, ROPE_THETA, build_hf_model, tiny_tokenizer, torch_logits, vocabulary
+from tests.tiny_models import HF_COMMON, ROPE_THETA, build_hf_model, randomised, tiny_tokenizer, torch_logits, vocabulary
 
 IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
 # Long enough for the low rope frequencies, where Llama 3's scaled rope differs, to turn noticeably.
@@ -110,14 +110,7 @@ def test_bf16_checkpoint_stays_bf16_bit_for_bit(tmp_path, store):
 def tiny_llama(rope_parameters: dict):
     torch.manual_seed(0)
     config = LlamaConfig(**HF_COMMON, vocab_size=len(vocabulary()), rope_parameters=rope_parameters)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.15)
-    return model
+    return randomised(LlamaForCausalLM(config).eval())
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": ROPE_THETA, "factor": 8.0, "low_freq_factor": 1.0,

@@ -68,7 +68,11 @@ def build_model(arch: TinyArch, seed: int = 0, hidden_size: int = 64, intermedia
         rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=arch.tied,
         bos_token_id=1, eos_token_id=2,
     )
-    model = arch.model_class(config).eval()
+    return randomised(arch.model_class(config).eval())
+
+
+def randomised(model):
+    """Weights far from transformers' init, so that a wrong mapping shows in the logits."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -227,14 +231,7 @@ def build_hf_model(name: str, seed: int = 0):
     """A tiny random fp32 transformers model of architecture `name` (one of HF_ARCH_NAMES)."""
     config_class, model_class, extra = _hf_classes()[name]
     torch.manual_seed(seed)
-    model = model_class(config_class(**HF_COMMON, vocab_size=len(vocabulary()), **extra)).eval()
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if "norm" in param_name:
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.15)
-    return model
+    return randomised(model_class(config_class(**HF_COMMON, vocab_size=len(vocabulary()), **extra)).eval())
 
 
 def tiny_tokenizer():
