@@ -44,6 +44,29 @@ def content_hash(source: Path) -> str:
     return digest.hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """sha256 of each file of a checkpoint folder, by relative name."""
+    return {str(p.relative_to(folder)): file_digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def changed_files(folder: Path, recorded: dict[str, str]) -> list[str]:
+    """How the folder differs from the digests recorded at commit: one line per missing, changed or extra file."""
+    current = folder_digests(folder) if folder.is_dir() else {}
+    problems = [f"{name}: missing" for name in recorded if name not in current]
+    problems += [f"{name}: changed since it was converted (sha256 differs)" for name in recorded
+                 if name in current and current[name] != recorded[name]]
+    problems += [f"{name}: not part of the converted checkpoint" for name in current if name not in recorded]
+    return problems
+
+
 def stat_fingerprint(source: Path) -> list[int]:
     """Size and newest mtime: if these are unchanged for a known path, its hash is too."""
     stats = [os.stat(p) for p in files_of(source)]

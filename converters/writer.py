@@ -6,6 +6,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 from tqdm import tqdm
@@ -13,6 +14,9 @@ from tqdm import tqdm
 from converters.sniff import safetensors_header
 from converters.source import SourceModel
 from converters.validate import check_distinct, distinct, validate_checkpoint
+
+if TYPE_CHECKING:
+    from converters.planner import Plan
 
 MAX_SHARD_BYTES = 5 * 10**9
 
@@ -22,28 +26,45 @@ class WrittenCheckpoint:
     path: Path
     size_bytes: int
     shards: int
+    # The config's quantisation block as written (the source's, or the plan's).
+    quantization: dict | None = None
 
 
-def write_checkpoint(model: SourceModel, dest: Path) -> WrittenCheckpoint:
+def write_checkpoint(model: SourceModel, dest: Path, plan: "Plan | None" = None) -> WrittenCheckpoint:
     """Write weights shard by shard, then config and tokenizer, into `dest` (a fresh folder), and check
-    the result against the mlx-lm model before anyone can commit it to the cache."""
+    the result against the mlx-lm model before anyone can commit it to the cache. A `plan` that changes
+    the weights (quantisation, dtype) is applied to the tensors as they stream through."""
     dest.mkdir(parents=True)
-    if model.adopt_files:
+    planned = planned_weights(model, plan)
+    if model.adopt_files and planned is None:
         weight_map = adopt_shards(model.adopt_files(), dest, model.label)
     else:
-        weight_map = write_shards(distinct(model.tensors(), model.label), dest)
-    write_json(dest / "config.json", checkpoint_config(model))
+        tensors = distinct(model.tensors(), model.label)
+        weight_map = write_shards(planned.apply(tensors) if planned else tensors, dest)
+    quantization = planned.block() if planned else model.quantization
+    write_json(dest / "config.json", checkpoint_config(model, quantization, replace=planned is not None))
     validate_checkpoint(dest, model.label)
     model.save_tokenizer(dest)
     size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
-    return WrittenCheckpoint(dest, size, len(set(weight_map.values())))
+    return WrittenCheckpoint(dest, size, len(set(weight_map.values())), quantization)
 
 
-def checkpoint_config(model: SourceModel) -> dict:
-    config = dict(model.config)
-    if model.quantization:
-        config["quantization"] = model.quantization
-        config["quantization_config"] = model.quantization
+def planned_weights(model: SourceModel, plan: "Plan | None"):
+    """The tensor transform for a plan that changes the weights; None when they are kept as they are."""
+    if plan is None or not plan.options():
+        return None
+    from converters.quantize import PlannedWeights
+
+    return PlannedWeights(model, plan)
+
+
+def checkpoint_config(model: SourceModel, quantization: dict | None, replace: bool = False) -> dict:
+    """The source's config with the quantisation block written; `replace` drops the source's own first."""
+    dropped = ("quantization", "quantization_config") if replace else ()
+    config = {k: v for k, v in model.config.items() if k not in dropped}
+    if quantization:
+        config["quantization"] = quantization
+        config["quantization_config"] = quantization
     return config
 
 

@@ -151,9 +151,11 @@ class Runtime:
         self._forget([key])
 
     def _forget(self, keys: list[str]) -> None:
-        """After unloading: no stale 'last used' model, and MLX's cache handed back."""
+        """After unloading: no stale 'last used' model, the cache may evict them, MLX's cache handed back."""
         if self.loaded and self.loaded.entry.key in keys:
             self.loaded = None
+        for key in keys:
+            self.store.release(key)
         clear_memory()
 
     def status(self) -> dict:
@@ -256,6 +258,7 @@ class Runtime:
         finally:
             self.stats.state = "idle"
         self.residency.admit(entry.key, loaded, size)
+        self.store.mark_in_use(entry.key)  # the cache's size cap must not evict a loaded model
         self.prompt_cache.restore(loaded.cache_key)
         self.loaded = loaded
         return loaded

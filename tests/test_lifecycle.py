@@ -134,7 +134,9 @@ def test_upload_rejects_oversized_and_non_model_files_and_serves_a_good_one(serv
 
 def test_system_optimization_reports_hardware_and_choices(server):
     report = httpx.get(f"{server}/api/system/optimization").json()
-    assert report["hardware"]["device"] and report["choices"]["resident_budget_bytes"] > 0
+    assert report["hardware"]["memory"]["total_bytes"] > 0 and report["hardware"]["blas"] == "openblas"
+    assert report["conversion"]["budget_bytes"] > 0
+    assert report["runtime"]["resident_budget_bytes"] > 0 and report["runtime"]["layout"] in ("float32", "as converted")
 
 
 def test_model_configuration_file_names_a_model(server, home, tmp_path):
@@ -147,3 +149,11 @@ def test_model_configuration_file_names_a_model(server, home, tmp_path):
     reply = chat(server, "my-tiny")
 
     assert reply.status_code == 200 and reply.json()["model"] == "configured"
+
+
+def test_a_loaded_model_is_leased_so_the_cache_cap_cannot_evict_it(server, home):
+    from cache.store import ModelStore
+
+    loaded = status(server)["model"]
+    store = ModelStore(home, max_bytes=0)
+    assert store.in_use(store.get(loaded).key)

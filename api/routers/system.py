@@ -9,12 +9,14 @@ router = APIRouter(prefix="/api/system", tags=["system"])
 
 @router.get("/optimization")
 def optimization(runtime: RuntimeDep) -> dict:
-    from runtime.hardware import runtime_report
+    from converters.pipeline import sizing_report
+    from runtime.hardware import probe
 
     loaded = runtime.loaded
     return {
-        "hardware": runtime_report(),
-        "choices": {
+        "hardware": probe(),
+        "conversion": sizing_report(),
+        "runtime": {
             "layout": loaded.layout if loaded else None,
             "resident_budget_bytes": runtime.residency.budget_bytes,
             "prompt_cache_budget_bytes": runtime.prompt_cache.max_bytes,
