@@ -138,3 +138,16 @@ def server(smollm2, shared_home, tmp_path_factory):
     """The session's SmolLM2 server: its base URL."""
     with running_server(shared_home, smollm2.entry.id, tmp_path_factory.mktemp("server")) as running:
         yield running.url
+
+
+@pytest.fixture(scope="session")
+def model_id(smollm2) -> str:
+    return smollm2.entry.id
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    """The official openai SDK pointed at the session's server (any key is accepted)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="any-key", max_retries=0, timeout=600)

@@ -39,16 +39,6 @@ PERSON = {
 }
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="any-key", max_retries=0, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def model_id(smollm2) -> str:
-    return smollm2.entry.id
-
-
 def test_required_tool_choice_gives_a_valid_call(client, model_id):
     reply = client.chat.completions.create(
         model=model_id, messages=HELLO, tools=[WRITE_FILE, READ_FILE], tool_choice="required",

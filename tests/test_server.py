@@ -12,16 +12,6 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": [{"type": "text", "text": "Tell me a long story about a dragon."}]}]
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="any-key", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model_id(smollm2) -> str:
-    return smollm2.entry.id
-
-
 def test_models_list_has_the_served_model(client, model_id):
     models = {m.id: m for m in client.models.list()}
     assert model_id in models
