@@ -1,6 +1,6 @@
-"""The MLX runtime: one resident model, one generation at a time, on one worker thread.
+"""The MLX runtime: resident models within a memory budget, one generation at a time, on one thread.
 
-MLX work (loading and generating) happens on a single thread that owns the model; callers
+MLX work (loading, generating, unloading) happens on a single thread that owns the models; callers
 submit jobs and read their events from a queue, so the HTTP layer never blocks on MLX.
 """
 
