@@ -41,8 +41,9 @@ def loaded_blas() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "unknown"
-    for name in ("openblas", "mkl", "blis", "libblas"):
-        if name in maps:
+    # Match library file names: numpy bundles its own `libscipy_openblas64_`, which MLX does not use.
+    for name, library in (("openblas", "/libopenblas"), ("mkl", "/libmkl"), ("blis", "/libblis"), ("libblas", "/libblas")):
+        if library in maps:
             return name
     return "reference"
 

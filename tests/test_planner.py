@@ -170,3 +170,15 @@ def test_hardware_probe_describes_this_machine():
         assert report["blas"] in {"openblas", "mkl", "blis", "libblas", "reference"} and report["cpu"]["model"]
     sizing = sizing_report()
     assert sizing["budget_bytes"] == int(sizing["machine_bytes"] * sizing["memory_share"])
+
+
+def test_numpy_own_openblas_is_not_taken_for_mlx_s():
+    """numpy maps `libscipy_openblas64_`; only a preloaded libopenblas speeds MLX up."""
+    import os
+
+    import numpy  # noqa: F401  (maps numpy's bundled BLAS into this process)
+
+    from runtime.hardware import loaded_blas
+
+    preloaded = "openblas" in os.environ.get("LD_PRELOAD", "")
+    assert (loaded_blas() == "openblas") == preloaded
