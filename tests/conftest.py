@@ -54,6 +54,14 @@ def smollm2(smollm2_gguf, shared_home):
     return ensure_converted(smollm2_gguf, ModelStore(shared_home))
 
 
+def home_with(source: Path, tmp_path_factory) -> Path:
+    """A fresh Impetus home holding `source` converted by the CLI: what failed conversions must not touch."""
+    home = tmp_path_factory.mktemp("home") / "home"
+    result = run_cli("convert.py", str(source), home=home)
+    assert result.returncode == 0, result.stderr
+    return home
+
+
 def folder_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(folder.rglob("*")):

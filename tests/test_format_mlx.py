@@ -15,7 +15,7 @@ import torch
 
 from converters.errors import ConversionError
 from converters.pipeline import ensure_converted
-from tests.conftest import run_cli
+from tests.conftest import home_with
 from tests.exporters.mlx import export
 from tests.test_format_safetensors import (
     IDS,
@@ -152,9 +152,7 @@ def mlx_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mlx_home(mlx_folder, tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("home") / "home"
-    assert run_cli("convert.py", str(mlx_folder), home=home).returncode == 0
-    return home
+    return home_with(mlx_folder, tmp_path_factory)
 
 
 @pytest.mark.parametrize(

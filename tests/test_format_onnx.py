@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from converters.errors import ConversionError
 from converters.onnx_format import read
 from converters.pipeline import ensure_converted
-from tests.conftest import assert_refused_and_cache_untouched, run_cli
+from tests.conftest import assert_refused_and_cache_untouched, home_with
 from tests.exporters.onnx import EXAMPLE_IDS, export
 from tests.tiny_models import build_hf_model, torch_logits
 
@@ -358,9 +358,7 @@ def test_external_data_outside_the_folder_is_refused(llama_onnx, tmp_path, locat
 @pytest.fixture(scope="module")
 def converted_home(llama_onnx, tmp_path_factory) -> Path:
     """An Impetus home holding one good conversion, copied by each test that must leave it untouched."""
-    home = tmp_path_factory.mktemp("home") / "home"
-    assert run_cli("convert.py", str(llama_onnx), home=home).returncode == 0
-    return home
+    return home_with(llama_onnx, tmp_path_factory)
 
 
 def truncate(file: Path) -> None:

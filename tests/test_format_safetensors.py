@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from converters.errors import ConversionError
 from converters.pipeline import ensure_converted
-from tests.conftest import assert_refused_and_cache_untouched, run_cli
+from tests.conftest import assert_refused_and_cache_untouched, home_with
 from tests.tiny_models import build_hf_model, save_hf_folder, torch_logits
 
 IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
@@ -256,9 +256,7 @@ def remove_tokenizer(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def converted_home(llama_folder, tmp_path_factory) -> Path:
     """An Impetus home holding one good conversion, copied by each test that must leave it untouched."""
-    home = tmp_path_factory.mktemp("home") / "home"
-    assert run_cli("convert.py", str(llama_folder), home=home).returncode == 0
-    return home
+    return home_with(llama_folder, tmp_path_factory)
 
 
 @pytest.mark.parametrize(

@@ -129,15 +129,20 @@ def write_gguf(model, arch: TinyArch, path: Path, qtype) -> Path:
     return path
 
 
-def write_metadata(writer: gguf.GGUFWriter, config, arch: TinyArch) -> None:
+def write_shape(writer: gguf.GGUFWriter, config, rope_theta: float) -> None:
+    """The hyperparameters every llama-like GGUF states, as llama.cpp's converter writes them."""
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_freq_base(rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def write_metadata(writer: gguf.GGUFWriter, config, arch: TinyArch) -> None:
+    write_shape(writer, config, 10000.0)
     writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(arch.pre_tokenizer)

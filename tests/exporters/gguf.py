@@ -19,7 +19,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from tests.tiny_models import CHATML, MERGES, SPECIAL_TOKENS, llama_cpp_permute, vocabulary
+from tests.tiny_models import CHATML, MERGES, SPECIAL_TOKENS, llama_cpp_permute, vocabulary, write_shape
 
 Q = gguf.GGMLQuantizationType
 A = gguf.MODEL_ARCH
@@ -112,14 +112,7 @@ def export(model, arch: str, dest: Path, store: Store = as_f32, tokenizer: Calla
 
 
 def write_hyperparameters(writer: gguf.GGUFWriter, config) -> None:
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(rope(config)["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    write_shape(writer, config, rope(config)["rope_theta"])
     if getattr(config, "head_dim", None):
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
