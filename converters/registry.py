@@ -37,7 +37,7 @@ def register(fmt: Format) -> Format:
     return fmt
 
 
-register(Format("gguf", "1", sniff.is_gguf, "converters.gguf_format", "GGUF magic bytes 'GGUF'"))
+register(Format("gguf", "2", sniff.is_gguf, "converters.gguf_format", "GGUF magic bytes 'GGUF'"))
 register(Format("safetensors", "1", sniff.is_hf_safetensors, "converters.safetensors_format",
                 "a safetensors header, or a folder with config.json and *.safetensors"))
 register(Format("pytorch", "1", sniff.is_pytorch, "converters.pytorch_format",
