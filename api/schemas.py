@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from runtime.generation import SamplingParams
 from settings import parse_duration
 
 # Ollama and LM Studio both sample at 0.8 when a client sends no temperature.
 DEFAULT_TEMPERATURE = 0.8
+
+
+def keep_alive_seconds(value):
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError("keep_alive takes seconds or a duration such as '30s', '5m', '1h'") from None
+
+
+# Seconds; accepts Ollama's forms ("30s", "5m", "1h", a number, negative for ever).
+KeepAlive = Annotated[float | None, BeforeValidator(keep_alive_seconds)]
 
 
 class Lenient(BaseModel):
@@ -59,17 +72,7 @@ class GenerationRequest(Lenient):
     stream_options: StreamOptions | None = None
     n: int = 1
     # Ollama's keep_alive: how long the model stays loaded after this request ("5m", 30, -1).
-    keep_alive: str | float | None = None
-
-    @field_validator("keep_alive")
-    @classmethod
-    def duration(cls, value):
-        if value is None:
-            return None
-        try:
-            return parse_duration(value)
-        except ValueError:
-            raise ValueError("keep_alive takes seconds or a duration such as '30s', '5m', '1h'") from None
+    keep_alive: KeepAlive = None
 
     @field_validator("n")
     @classmethod
@@ -190,3 +193,13 @@ class CompletionRequest(GenerationRequest):
                 raise ValueError("only one prompt per request is supported")
             return value[0]
         return value
+
+
+class SwitchRequest(Lenient):
+    model: str
+    pin: bool | None = None  # pinned models are never unloaded for room or idleness
+    keep_alive: KeepAlive = None
+
+
+class BudgetRequest(Lenient):
+    bytes: int = Field(gt=0)

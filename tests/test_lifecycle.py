@@ -157,3 +157,8 @@ def test_a_loaded_model_is_leased_so_the_cache_cap_cannot_evict_it(server, home)
     loaded = status(server)["model"]
     store = ModelStore(home, max_bytes=0)
     assert store.in_use(store.get(loaded).key)
+
+
+def test_unreadable_keep_alive_is_a_clear_400(server):
+    reply = chat(server, "tiny-a", keep_alive="soon")
+    assert reply.status_code == 400 and "keep_alive" in reply.json()["error"]["message"]

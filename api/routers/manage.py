@@ -4,20 +4,14 @@ import asyncio
 import shutil
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CatalogDep, ConversionsDep, RuntimeDep, SettingsDep
 from api.routers.models import model_card
+from api.schemas import BudgetRequest, SwitchRequest
 from api.uploads import receive_upload
+from settings import DEFAULT_MODEL_ALIAS
 
 router = APIRouter(prefix="/api/models", tags=["manage"])
-
-
-class SwitchRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    pin: bool | None = None  # pinned models are never unloaded for room or idleness
-    keep_alive: str | float | None = None
 
 
 @router.get("/list")
@@ -40,18 +34,11 @@ def status(runtime: RuntimeDep, conversions: ConversionsDep) -> dict:
 
 @router.post("/switch")
 async def switch(body: SwitchRequest, runtime: RuntimeDep, catalog: CatalogDep, conversions: ConversionsDep) -> dict:
-    from settings import DEFAULT_MODEL_ALIAS, parse_duration
-
     ref = catalog.locate(body.model)
     entry = ref.entry or await conversions.ensure(ref.source)
-    keep_alive = None if body.keep_alive is None else parse_duration(body.keep_alive)
-    await asyncio.to_thread(runtime.preload, entry, body.pin, keep_alive)
+    await asyncio.to_thread(runtime.preload, entry, body.pin, body.keep_alive)
     runtime.aliases[DEFAULT_MODEL_ALIAS] = entry.id
     return runtime.status()
-
-
-class BudgetRequest(BaseModel):
-    bytes: int = Field(gt=0)
 
 
 @router.post("/budget")
