@@ -89,13 +89,13 @@ def test_paths_outside_the_model_roots_are_refused(server, tmp_path):
     assert reply.status_code == 404 and "outside the model roots" in reply.json()["error"]["message"]
 
 
-def test_keep_alive_zero_unloads_after_the_request(server):
-    assert chat(server, "tiny-b", keep_alive=0).status_code == 200
+def test_keep_alive_zero_unloads_after_the_request(server, models):
+    assert chat(server, str(models[1]["tiny-b"]), keep_alive=0).status_code == 200
     assert "tiny-b" not in resident_ids(server)
 
 
-def test_keep_alive_duration_unloads_when_idle(server):
-    assert chat(server, "tiny-c", keep_alive="1s").status_code == 200
+def test_keep_alive_duration_unloads_when_idle(server, models):
+    assert chat(server, str(models[1]["tiny-c"]), keep_alive="1s").status_code == 200
     assert "tiny-c" in resident_ids(server)
     deadline = time.monotonic() + 15
     while "tiny-c" in resident_ids(server) and time.monotonic() < deadline:
