@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,7 +30,7 @@ import numpy as np
 
 from converters.errors import ConversionError
 from converters.hf import copier, read_config, tokenizer_files
-from converters.source import SourceModel
+from converters.source import SourceModel, quantization_block
 
 log = logging.getLogger(__name__)
 # coremltools warns at import that prediction is unavailable off macOS; we never predict.
@@ -66,7 +65,7 @@ def read(path: Path) -> SourceModel:
         parameters=sum(math.prod(p.expected.shape) for p in placements),
         tensors=lambda: (item for planned in tensors for item in planned.make()),
         save_tokenizer=save_tokenizer,
-        quantization=quantization_block(tensors),
+        quantization=layer_quantization(tensors),
         source=path,
     )
 
@@ -692,16 +691,10 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(words << shifts, axis=-1)
 
 
-def quantization_block(tensors: list[PlannedTensor]) -> dict | None:
-    kept = {t.module: (t.layout.bits, t.layout.group_size) for t in tensors if t.layout}
-    if not kept:
-        return None
-    bits, group = Counter(kept.values()).most_common(1)[0][0]
-    block = {"group_size": group, "bits": bits, "mode": "affine"}
-    for module, (module_bits, module_group) in kept.items():
-        if (module_bits, module_group) != (bits, group):
-            block[module] = {"group_size": module_group, "bits": module_bits, "mode": "affine"}
-    return block
+def layer_quantization(tensors: list[PlannedTensor]) -> dict | None:
+    return quantization_block({
+        t.module: {"group_size": t.layout.group_size, "bits": t.layout.bits, "mode": "affine"} for t in tensors if t.layout
+    })
 
 
 # ---- damage found before writing anything ----

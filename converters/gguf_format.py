@@ -28,7 +28,7 @@ from converters.gguf_architectures import (
 )
 from converters.gguf_config import Metadata, build_config
 from converters.gguf_quants import mlx_quantization, to_mlx
-from converters.source import SourceModel
+from converters.source import SourceModel, quantization_block as shared_quantization_block
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,7 @@ def quantization_block(tensors, arch: Architecture) -> dict | None:
     """MLX's quantisation block for the layers that stay quantised: the most common setting, and
     an override for each layer quantised otherwise."""
     layers = {hf_module_path(gguf_module(t), arch): mlx_quantization(t) for t in tensors}
-    kept = {module: q for module, q in layers.items() if q}
-    if not kept:
-        return None
-    settings = Counter(tuple(sorted(q.items())) for q in kept.values())
-    default = dict(settings.most_common(1)[0][0])
-    return {**default, **{module: q for module, q in kept.items() if q != default}}
+    return shared_quantization_block({module: q for module, q in layers.items() if q})
 
 
 def iter_tensors(tensors, arch: Architecture, config: dict, reorder):

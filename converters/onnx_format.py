@@ -23,7 +23,7 @@ import ast
 import logging
 import math
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from converters.errors import ConversionError
 from converters.hf import hf_source, read_config, sidecar_folder
-from converters.source import SourceModel
+from converters.source import SourceModel, quantization_block
 from converters.validate import expected_shapes
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def read(path: Path) -> SourceModel:
     expected = expected_parameters(config, path)
     plan = build_plan(graph, data, expected, config, model_file)
     parameters = sum(math.prod(shape) for shape in expected.values())
-    return hf_source(path, config, lambda: iter_tensors(plan), parameters, quantization_block(plan))
+    return hf_source(path, config, lambda: iter_tensors(plan), parameters, layer_quantization(plan))
 
 
 # ---- files ----
@@ -628,17 +628,12 @@ def dequantized_nbits(spec: NBits, data: Initializers) -> mx.array:
 
 # ---- output ----
 
-def quantization_block(plan: list[Piece]) -> dict | None:
+def layer_quantization(plan: list[Piece]) -> dict | None:
     """MLX's quantisation block for the layers kept quantised; layers without scales stay float."""
-    kept = {piece.name.rsplit(".", 1)[0]: piece.quantized for piece in plan if piece.quantized}
-    if not kept:
-        return None
-    group_size, bits = Counter(kept.values()).most_common(1)[0][0]
-    block = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    for module, (group, layer_bits) in kept.items():
-        if (group, layer_bits) != (group_size, bits):
-            block[module] = {"group_size": group, "bits": layer_bits, "mode": "affine"}
-    return block
+    return quantization_block({
+        piece.name.rsplit(".", 1)[0]: {"group_size": piece.quantized[0], "bits": piece.quantized[1], "mode": "affine"}
+        for piece in plan if piece.quantized
+    })
 
 
 def iter_tensors(plan: list[Piece]):

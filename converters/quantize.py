@@ -8,13 +8,12 @@ at once, so the source tensor it came from can be freed before the next one is r
 
 from __future__ import annotations
 
-from collections import Counter
 
 import mlx.core as mx
 
 from converters.errors import ConversionError
 from converters.planner import Plan
-from converters.source import SourceModel
+from converters.source import SourceModel, quantization_block
 
 PACKED_PARTS = ("weight", "scales", "biases")
 
@@ -110,10 +109,5 @@ class PlannedWeights:
 
     def block(self) -> dict | None:
         """The config's `quantization`: the common setting, and an override for every other layer."""
-        if not self.written:
-            return None
-        if self.plan.quantizes:
-            default = {"group_size": self.plan.layout.group_size, "bits": self.plan.layout.bits, "mode": "affine"}
-        else:
-            default = dict(Counter(tuple(sorted(q.items())) for q in self.written.values()).most_common(1)[0][0])
-        return {**default, **{module: q for module, q in self.written.items() if q != default}}
+        planned = {"group_size": self.plan.layout.group_size, "bits": self.plan.layout.bits, "mode": "affine"}
+        return quantization_block(self.written, planned if self.plan.quantizes else None)

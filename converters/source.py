@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,3 +35,13 @@ class SourceModel:
     def label(self) -> str:
         """How errors name this model: its source path when known."""
         return str(self.source) if self.source else f"the {self.architecture} model"
+
+
+def quantization_block(layers: dict[str, dict], default: dict | None = None) -> dict | None:
+    """MLX's `quantization` config for the layers stored quantised ({"group_size", "bits", "mode"} each):
+    `default` (else the most common setting), and an override for every layer stored otherwise."""
+    if not layers:
+        return None
+    if default is None:
+        default = dict(Counter(tuple(sorted(q.items())) for q in layers.values()).most_common(1)[0][0])
+    return {**default, **{module: q for module, q in layers.items() if q != default}}

@@ -24,9 +24,8 @@ from cache.store import STAGING_PREFIX, ModelStore
 from converters.pipeline import ensure_converted, plan_conversion
 from converters.planner import Layout, Plan
 from tests.conftest import ROOT, run_cli
-from tests.tiny_models import ARCHS, Q, build_hf_model, build_model, save_hf_folder, tiny_tokenizer, torch_logits, write_gguf
+from tests.tiny_models import ARCHS, IDS, Q, build_hf_model, build_model, save_hf_folder, tiny_tokenizer, torch_logits, write_gguf
 
-IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
 
 
 @pytest.fixture

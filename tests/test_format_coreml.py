@@ -19,9 +19,8 @@ from cache.store import ModelStore
 from converters.pipeline import ensure_converted
 from tests.conftest import run_cli
 from tests.exporters.coreml import export, to_mlpackage, with_sidecars
-from tests.tiny_models import ARCHS, Q, build_hf_model, build_model, torch_logits, write_gguf
+from tests.tiny_models import ARCHS, IDS, Q, build_hf_model, build_model, torch_logits, write_gguf
 
-IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
 TOLERANCE = 1e-3
 SPEC = Path("Data/com.apple.CoreML/model.mlmodel")
 WEIGHTS = Path("Data/com.apple.CoreML/weights/weight.bin")

@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from mlx_lm import load
 from onnx import TensorProto, helper, numpy_helper
 
 from converters.errors import ConversionError
@@ -19,16 +18,10 @@ from converters.onnx_format import read
 from converters.pipeline import ensure_converted
 from tests.conftest import assert_refused_and_cache_untouched, home_with
 from tests.exporters.onnx import EXAMPLE_IDS, export
-from tests.tiny_models import build_hf_model, torch_logits
+from tests.tiny_models import IDS, build_hf_model, mlx_logits, torch_logits
 
-IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
 MS_DOMAIN = "com.microsoft"
 
-
-def mlx_logits(path: Path, ids: list[int] = IDS) -> np.ndarray:
-    model, _ = load(str(path))
-    model.set_dtype(mx.float32)
-    return np.array(model(mx.array([ids]))[0])
 
 
 def load_graph(folder: Path) -> onnx.ModelProto:

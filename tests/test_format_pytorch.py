@@ -12,16 +12,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from mlx_lm import load
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cache.store import ModelStore
 from converters.pipeline import ensure_converted
 from tests.conftest import run_cli
 from tests.exporters.pytorch import export, export_meta
-from tests.tiny_models import HF_COMMON, ROPE_THETA, build_hf_model, randomised, tiny_tokenizer, torch_logits, vocabulary
+from tests.tiny_models import HF_COMMON, IDS, ROPE_THETA, build_hf_model, mlx_logits, randomised, tiny_tokenizer, torch_logits, vocabulary
 
-IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
 # Long enough for the low rope frequencies, where Llama 3's scaled rope differs, to turn noticeably.
 LONG_IDS = [(7 * i) % 259 + 3 for i in range(400)]
 TOLERANCE = 1e-3
@@ -32,11 +30,6 @@ def converted(source: Path, store: ModelStore):
     assert result.entry.format == "pytorch"
     return result
 
-
-def mlx_logits(checkpoint: Path, ids: list[int]) -> np.ndarray:
-    model, _ = load(str(checkpoint))
-    model.set_dtype(mx.float32)
-    return np.array(model(mx.array([ids]))[0])
 
 
 def with_sidecars(model, folder: Path) -> Path:

@@ -12,22 +12,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from mlx_lm import load
 from safetensors.numpy import load_file, save_file
 
 from converters.errors import ConversionError
 from converters.pipeline import ensure_converted
 from tests.conftest import assert_refused_and_cache_untouched, home_with
-from tests.tiny_models import build_hf_model, save_hf_folder, torch_logits
+from tests.tiny_models import IDS, build_hf_model, mlx_logits, save_hf_folder, torch_logits
 
-IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
 GATE = "model.layers.0.mlp.gate_proj.weight"
 
-
-def mlx_logits(path: Path, ids: list[int] = IDS) -> np.ndarray:
-    model, _ = load(str(path))
-    model.set_dtype(mx.float32)
-    return np.array(model(mx.array([ids]))[0])
 
 
 def config_of(path: Path) -> dict:

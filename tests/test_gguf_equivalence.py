@@ -21,12 +21,12 @@ from converters.pipeline import ensure_converted
 from tests.exporters.gguf import export as gguf_export
 from tests.exporters.gguf import write_sentencepiece_tokenizer
 from tests.tiny_models import (
+    IDS,
     ARCHS, HF_ARCH_NAMES, Q, build_hf_model, build_model, llama_cpp_permute, reference_logits, stored, torch_logits,
     write_gguf,
 )
 
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1]
-IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)

@@ -23,7 +23,7 @@ from converters.errors import ConversionError
 from converters.gguf_quants import mlx_quantization, to_mlx
 from converters.pipeline import ensure_converted
 from tests.exporters.gguf import as_f32, export
-from tests.tiny_models import ARCHS, Q, build_model, random_blocks, torch_logits
+from tests.tiny_models import ARCHS, IDS, Q, build_model, random_blocks, torch_logits
 
 KEPT = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q8_0: 8, Q.Q4_K: 4, Q.Q5_K: 5, Q.MXFP4: 4}
 REQUANTISED = {
@@ -31,7 +31,6 @@ REQUANTISED = {
     Q.IQ3_XXS: 4, Q.IQ3_S: 4, Q.IQ4_NL: 5, Q.IQ4_XS: 5, Q.TQ1_0: 2, Q.TQ2_0: 3,
 }
 ROWS, COLS = 16, 512
-IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
 
 
 def written_tensor(tmp_path, data: np.ndarray, raw_type):

@@ -264,6 +264,20 @@ def save_hf_folder(model, dest: Path) -> Path:
     return dest
 
 
+# Token ids every logits comparison feeds both sides (specials, bytes and merged tokens).
+IDS = [1, 40, 77, 200, 259, 3, 150, 261, 18, 99, 2, 64]
+
+
+def mlx_logits(checkpoint: Path, ids: list[int] = IDS) -> np.ndarray:
+    """Logits of a converted checkpoint, computed in float32 so that only the stored weights differ."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, _ = load(str(checkpoint))
+    model.set_dtype(mx.float32)
+    return np.array(model(mx.array([ids]))[0])
+
+
 def torch_logits(model, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
