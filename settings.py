@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 DEFAULT_MODEL_ALIAS = "default"
@@ -31,6 +31,14 @@ class Settings:
     upload_max_bytes: int = 64 << 30
     # Per-model tool-call parser overrides: model id -> an mlx-lm parser module, or "hermes".
     tool_parsers: dict = field(default_factory=dict)
+    # Requests decoded together per model (more wait for a slot), and prompt tokens per prefill step.
+    max_sequences: int = 8
+    prefill_chunk: int = 512
+    # Weight layout: "auto" measures which is fastest here at a model's first load; "float32" or
+    # "as converted" pins it. blas_threads pins OpenBLAS's thread count (None: measured too).
+    layout: str = "auto"
+    blas_threads: int | None = None
+    retune: bool = False  # measure again even where this machine's choice for a model is remembered
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -46,7 +54,24 @@ class Settings:
             resident_bytes=int(os.environ["IMPETUS_RESIDENT_BYTES"]) if os.environ.get("IMPETUS_RESIDENT_BYTES") else None,
             upload_max_bytes=int(os.environ.get("IMPETUS_UPLOAD_MAX_BYTES", 64 << 30)),
             tool_parsers=parse_pairs(os.environ.get("IMPETUS_TOOL_PARSERS", "")),
+            max_sequences=int(os.environ.get("IMPETUS_MAX_SEQUENCES", 8)),
+            prefill_chunk=int(os.environ.get("IMPETUS_PREFILL_CHUNK", 512)),
+            layout=parse_layout(os.environ.get("IMPETUS_LAYOUT", "auto")),
+            blas_threads=int(os.environ["IMPETUS_BLAS_THREADS"]) if os.environ.get("IMPETUS_BLAS_THREADS") else None,
+            retune=os.environ.get("IMPETUS_RETUNE", "") not in ("", "0"),
         )
+
+    def with_overrides(self, **values) -> "Settings":
+        """These settings with the given values instead, where a value is not None."""
+        return replace(self, **{name: value for name, value in values.items() if value is not None})
+
+    @property
+    def tuning_path(self) -> Path:
+        return self.home / "tuning.json"
+
+    @property
+    def native_dir(self) -> Path:
+        return self.home / "native"
 
     @property
     def prompt_cache_dir(self) -> Path:
@@ -68,6 +93,16 @@ def parse_pairs(text: str) -> dict[str, str]:
     return {name.strip(): value.strip() for name, value in pairs}
 
 
+LAYOUTS = ("auto", "float32", "as converted")
+
+
+def parse_layout(value: str) -> str:
+    layout = value.strip().lower().replace("-", " ").replace("_", " ")
+    if layout not in LAYOUTS:
+        raise ValueError(f"IMPETUS_LAYOUT must be one of {', '.join(LAYOUTS)}, not {value!r}")
+    return layout
+
+
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -79,14 +114,6 @@ def parse_duration(value: str | float | int) -> float:
     if text and text[-1] in DURATION_UNITS:
         return float(text[:-1]) * DURATION_UNITS[text[-1]]
     return float(text)
-
-    @property
-    def models_dir(self) -> Path:
-        return self.home / "models"
-
-    @property
-    def index_path(self) -> Path:
-        return self.home / "index.json"
 
 
 def _default_home() -> Path:

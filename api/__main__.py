@@ -10,7 +10,7 @@ from pathlib import Path
 from cache.store import Entry, ModelStore
 from converters.errors import ImpetusError, ModelNotFoundError
 from converters.pipeline import ensure_converted
-from runtime.hardware import relaunch_with_openblas
+from runtime.blas import relaunch_with_openblas
 from settings import DEFAULT_MODEL_ALIAS, Settings, default_model_path
 
 log = logging.getLogger("impetus")
@@ -22,7 +22,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--model", default=DEFAULT_MODEL_ALIAS, help="cached model id, or a model file/folder path")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--max-sequences", type=positive, help="requests decoded together per model (default 8, IMPETUS_MAX_SEQUENCES)")
+    parser.add_argument("--prefill-chunk", type=positive, help="prompt tokens per prefill step (default 512, IMPETUS_PREFILL_CHUNK)")
     return parser.parse_args(argv)
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def startup_model(name: str, store: ModelStore) -> Entry:
@@ -40,15 +48,19 @@ def startup_model(name: str, store: ModelStore) -> Entry:
 
 
 def build_runtime(settings: Settings, store: ModelStore, entry: Entry):
+    from runtime.batching import BatchLimits
     from runtime.engine import Runtime
     from runtime.hardware import available_memory
     from runtime.prompt_cache import PromptCache
     from runtime.residency import Residency
+    from runtime.tuning import Tuner
 
     prompt_cache = PromptCache(settings.prompt_cache_dir, settings.prompt_cache_bytes)
     residency = Residency(settings.resident_bytes or available_memory() // 2, settings.keep_alive_seconds)
+    tuner = Tuner(settings.tuning_path, settings.layout, settings.blas_threads, settings.retune)
+    limits = BatchLimits(settings.max_sequences, settings.prefill_chunk)
     return Runtime(store, aliases={DEFAULT_MODEL_ALIAS: entry.id}, prompt_cache=prompt_cache,
-                   residency=residency, tool_parsers=settings.tool_parsers)
+                   residency=residency, tool_parsers=settings.tool_parsers, tuner=tuner, limits=limits)
 
 
 def banner(model_id: str, host: str, port: int) -> str:
@@ -64,9 +76,13 @@ def banner(model_id: str, host: str, port: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    relaunch_with_openblas()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env().with_overrides(max_sequences=args.max_sequences, prefill_chunk=args.prefill_chunk)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    relaunch_with_openblas(settings.native_dir)
     store = ModelStore(settings.home)
     try:
         entry = startup_model(args.model, store)

@@ -1,7 +1,9 @@
-"""The MLX runtime: resident models within a memory budget, one generation at a time, on one thread.
+"""The MLX runtime: resident models within a memory budget, each with a running batch, on one thread.
 
 MLX work (loading, generating, unloading) happens on a single thread that owns the models; callers
-submit jobs and read their events from a queue, so the HTTP layer never blocks on MLX.
+submit jobs and read their events from a queue, so the HTTP layer never blocks on MLX. Between
+steps of the running batches the thread admits whatever was submitted, so a new request joins its
+model's batch at the next step, and a request for another model waits only for that model's load.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from pathlib import Path
 
 from cache.store import Entry, ModelStore
 from converters.errors import ImpetusError, ModelNotFoundError
+from runtime.batching import Batch, BatchLimits, Sequence
 from runtime.errors import ModelLoadError, OutOfMemoryError
-from runtime.hardware import available_memory, prefers_fp32_weights
-from runtime.residency import Residency
-from runtime.generation import Failed, Finished, Plan, SamplingParams, Started, generate, token_budget
+from runtime.generation import Failed, Finished, Plan, SamplingParams, token_budget
+from runtime.hardware import available_memory
 from runtime.plans import parser_for, processors_for
 from runtime.prompt_cache import PromptCache
+from runtime.residency import Residency
 from runtime.tools import HERMES, ToolDialect, dialect_for
+from runtime.tuning import FLOAT32, Tuner, Tuning, fits_as_float32
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +38,12 @@ class LoadedModel:
     model: object
     tokenizer: object
     dialect: ToolDialect
-    layout: str = "as converted"  # or "float32" when dequantised for the CPU
+    tuning: Tuning = field(default_factory=Tuning)
     _grammar_tokenizer: object = None
+
+    @property
+    def layout(self) -> str:
+        return self.tuning.layout
 
     @property
     def cache_key(self) -> str:
@@ -74,6 +82,9 @@ class RuntimeStats:
     requests: int = 0
     last_tokens_per_second: float | None = None
     last_prompt_tokens: int | None = None
+    active_sequences: int = 0  # admitted and not ended, waiting for a slot included
+    decoding_sequences: int = 0  # of which in a decode step now
+    most_decoding_sequences: int = 0  # the most ever decoded together
 
     def record(self, finished: Finished, seconds: float) -> None:
         self.requests += 1
@@ -84,14 +95,18 @@ class RuntimeStats:
 
 class Runtime:
     def __init__(self, store: ModelStore, aliases: dict[str, str] | None = None, prompt_cache: PromptCache | None = None,
-                 residency: Residency | None = None, tool_parsers: dict[str, str] | None = None):
+                 residency: Residency | None = None, tool_parsers: dict[str, str] | None = None,
+                 tuner: Tuner | None = None, limits: BatchLimits | None = None):
         self.store = store
         self.aliases = aliases or {}
         self.prompt_cache = prompt_cache or PromptCache(None, max_bytes=1 << 30)
         self.residency = residency or Residency(budget_bytes=available_memory() // 2)
         self.tool_parsers = tool_parsers or {}
+        self.tuner = tuner or Tuner()
+        self.limits = limits or BatchLimits()
         self.loaded: LoadedModel | None = None  # the model used last
         self.stats = RuntimeStats()
+        self._batches: dict[str, Batch] = {}  # by model key
         self._jobs: queue.Queue = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="mlx-runtime", daemon=True)
         self._worker.start()
@@ -151,10 +166,13 @@ class Runtime:
         self._forget([key])
 
     def _forget(self, keys: list[str]) -> None:
-        """After unloading: no stale 'last used' model, the cache may evict them, MLX's cache handed back."""
+        """After unloading: its batch ended, no stale 'last used' model, the cache may evict it, MLX's cache handed back."""
         if self.loaded and self.loaded.entry.key in keys:
             self.loaded = None
         for key in keys:
+            if (batch := self._batches.pop(key, None)) is not None:
+                self._ended(batch.fail(ModelLoadError("the model was unloaded while generating; send the request again")))
+                batch.close()
             self.store.release(key)
         clear_memory()
 
@@ -168,6 +186,8 @@ class Runtime:
             "runtime": runtime_report(),
             "model": self.loaded.entry.id if self.loaded else None,
             "layout": self.loaded.layout if self.loaded else None,
+            "tuning": asdict(self.loaded.tuning) if self.loaded else None,
+            "batching": asdict(self.limits),
             "resident": self.residency.describe(),
             "resident_budget_bytes": self.residency.budget_bytes,
             "memory_bytes": mx.get_active_memory(),
@@ -179,46 +199,102 @@ class Runtime:
         self._worker.join(timeout=10)
 
     def _work(self) -> None:
-        while (job := self._next_job()) is not None:
-            if job is IDLE:
-                self._expire()
-            elif callable(job):
-                job()
-            else:
-                self._run(job)
+        while True:
+            for item in self._arrivals():
+                if item is None:
+                    self._end_all()
+                    return
+                self._handle(item)
+            self._step()
 
-    def _next_job(self):
+    def _arrivals(self) -> list:
+        """Everything submitted so far; while nothing is generating, wait for the first (or IDLE)."""
         try:
-            return self._jobs.get(timeout=self.residency.next_expiry_in())
+            items = [self._jobs.get_nowait() if self.stats.active_sequences else self._jobs.get(timeout=self.residency.next_expiry_in())]
         except queue.Empty:
-            return IDLE
+            return [] if self.stats.active_sequences else [IDLE]
+        while True:
+            try:
+                items.append(self._jobs.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _handle(self, item) -> None:
+        if item is IDLE:
+            self._expire()
+        elif callable(item):
+            item()
+        else:
+            self._admit(item)
 
     def _expire(self) -> None:
         if gone := self.residency.expire():
             log.info("unloaded idle models: %s", ", ".join(gone))
             self._forget(gone)
 
-    def _run(self, job: Job) -> None:
+    def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():  # its client left while it waited in the queue
             job.events.put(Finished("cancelled", 0, 0))
             return
         try:
             loaded = self._ensure_loaded(job.entry)
             plan, cache = self._plan(loaded, job)
-            job.events.put(Started(len(plan.prompt), plan.budget, plan.cached))
-            self._generate(loaded, job, plan, cache)
-            self.prompt_cache.store(loaded.cache_key, plan.prompt + plan.sampled, cache)
-        except ImpetusError as exc:
-            job.events.put(Failed(exc))
+            self._batch_for(loaded).admit(job, plan, cache)
         except Exception as exc:
-            job.events.put(Failed(self._generation_failure(exc)))
+            job.events.put(Failed(exc if isinstance(exc, ImpetusError) else self._generation_failure(exc)))
+            self._release(job)
+            return
+        self.residency.use(job.entry.key)
+        self._count_active()
+
+    def _batch_for(self, loaded: LoadedModel) -> Batch:
+        if (batch := self._batches.get(loaded.entry.key)) is None:
+            batch = self._batches[loaded.entry.key] = Batch(loaded, self.prompt_cache, self.limits)
+        return batch
+
+    def _step(self) -> None:
+        """One step of every model's batch that has work, one model after another."""
+        for key, batch in list(self._batches.items()):
+            if not len(batch):
+                continue
+            self.stats.state = "generating"
+            try:
+                ended = batch.step()
+            except Exception as exc:
+                ended = batch.fail(self._generation_failure(exc))
+                self._batches.pop(key).close()  # its KV caches are in an unknown state
+            self._ended(ended)
+        self._count_active()
+
+    def _ended(self, sequences: list[Sequence]) -> None:
+        for sequence in sequences:
+            if sequence.finished is not None:
+                self.stats.record(sequence.finished, time.perf_counter() - sequence.started)
+            self.residency.done(sequence.job.entry.key)
+            self._release(sequence.job)
+
+    def _release(self, job: Job) -> None:
+        """A job's end restarts its model's idle clock; keep_alive 0 unloads it once nothing uses it."""
         self.residency.keep(job.entry.key, job.keep_alive)
         if job.keep_alive == 0:
             self._expire()
 
+    def _count_active(self) -> None:
+        self.stats.active_sequences = sum(len(batch) for batch in self._batches.values())
+        self.stats.decoding_sequences = sum(batch.decoding() for batch in self._batches.values())
+        self.stats.most_decoding_sequences = max(self.stats.most_decoding_sequences, self.stats.decoding_sequences)
+        if not self.stats.active_sequences and self.stats.state == "generating":
+            self.stats.state = "idle"
+
+    def _end_all(self) -> None:
+        for batch in self._batches.values():
+            self._ended(batch.fail(ModelLoadError("the server is shutting down")))
+            batch.close()
+        self._batches.clear()
+
     def _generation_failure(self, exc: Exception) -> Exception:
         if not is_out_of_memory(exc):
-            log.exception("generation failed")
+            log.exception("generation failed", exc_info=exc)
             return exc
         others = self.residency.evict_others(self.loaded.entry.key if self.loaded else None)
         self._forget(others)
@@ -232,18 +308,9 @@ class Runtime:
         budget = token_budget(len(tokens), job.params.max_tokens, loaded.context_length)
         cache, cached = self.prompt_cache.fetch(loaded.cache_key, loaded.model, tokens)
         parser = parser_for(loaded, job.prompt, job.params, tokens)
-        processors = processors_for(loaded, job.prompt, job.params, len(tokens) - cached)
+        # A batch hands processors the whole prompt (cached part included) before the sampled tokens.
+        processors = processors_for(loaded, job.prompt, job.params, len(tokens))
         return Plan(tokens, cached, budget, job.params, parser, processors), cache
-
-    def _generate(self, loaded: LoadedModel, job: Job, plan: Plan, cache: list) -> None:
-        self.stats.state = "generating"
-        started = time.perf_counter()
-        try:
-            for event in generate(loaded.model, loaded.tokenizer, plan, cache, job.cancelled):
-                job.events.put(event)
-        finally:
-            self.stats.state = "idle"
-        self.stats.record(event, time.perf_counter() - started)
 
     def _ensure_loaded(self, entry: Entry) -> LoadedModel:
         if (resident := self.residency.get(entry.key)) is not None:
@@ -252,11 +319,11 @@ class Runtime:
         if evicted := self.residency.make_room(estimated_bytes(entry)):
             log.info("unloaded %s to make room for %s", ", ".join(evicted), entry.id)
             self._forget(evicted)
-        self.stats.state = "loading"
+        previous, self.stats.state = self.stats.state, "loading"
         try:
             loaded, size = self._load_measured(entry)
         finally:
-            self.stats.state = "idle"
+            self.stats.state = previous
         self.residency.admit(entry.key, loaded, size)
         self.store.mark_in_use(entry.key)  # the cache's size cap must not evict a loaded model
         self.prompt_cache.restore(loaded.cache_key)
@@ -276,7 +343,7 @@ class Runtime:
         return loaded, max(mx.get_active_memory() - before, 0) or entry.size_bytes
 
     def _load(self, entry: Entry) -> LoadedModel:
-        return load(entry, self.store.checkpoint_path(entry), self.tool_parsers.get(entry.id))
+        return load(entry, self.store.checkpoint_path(entry), self.tool_parsers.get(entry.id), self.tuner)
 
 
 IDLE = object()  # the worker's wake-up to unload idle models
@@ -294,32 +361,27 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def estimated_bytes(entry: Entry) -> int:
-    return entry.parameters * 4 if prefers_fp32_weights(entry.parameters) else entry.size_bytes
+    """Room to make before loading: a float32 copy's size where the tuner may choose one."""
+    return max(entry.size_bytes, entry.parameters * 4) if fits_as_float32(entry.parameters) else entry.size_bytes
 
 
-def load(entry: Entry, path: Path, tool_parser: str | None = None) -> LoadedModel:
+def load_checkpoint(entry: Entry, path: Path, native_parser: str | None = None):
     from mlx_lm import load as mlx_load
 
-    log.info("loading %s from %s", entry.id, path)
-    native_parser = tool_parser if tool_parser not in (None, "hermes") else None
     try:
-        model, tokenizer = mlx_load(str(path), tokenizer_config={"tool_parser_type": native_parser} if native_parser else None)
+        return mlx_load(str(path), tokenizer_config={"tool_parser_type": native_parser} if native_parser else None)
     except Exception as exc:  # mlx-lm raises plain ValueError/FileNotFoundError etc.
         if is_out_of_memory(exc):
             raise OutOfMemoryError(f"not enough memory to load '{entry.id}' ({entry.size_bytes / 1e9:.1f} GB)") from exc
         raise ModelLoadError(f"could not load '{entry.id}' from {path}: {exc}; try converting it again") from exc
+
+
+def load(entry: Entry, path: Path, tool_parser: str | None = None, tuner: Tuner | None = None) -> LoadedModel:
+    log.info("loading %s from %s", entry.id, path)
+    native_parser = tool_parser if tool_parser not in (None, "hermes") else None
+    model, tokenizer = load_checkpoint(entry, path, native_parser)
+    model, tuning = (tuner or Tuner()).tune(entry, model, reload=lambda: load_checkpoint(entry, path, native_parser)[0])
+    if tuning.layout == FLOAT32:
+        log.info("running %s in float32 (%s): %s", entry.id, tuning.reason, tuning.measurements or "")
     dialect = HERMES if tool_parser == "hermes" else dialect_for(tokenizer)
-    if prefers_fp32_weights(entry.parameters):
-        return LoadedModel(entry, as_float32(model), tokenizer, dialect, layout="float32")
-    return LoadedModel(entry, model, tokenizer, dialect)
-
-
-def as_float32(model):
-    import mlx.core as mx
-    from mlx_lm.utils import dequantize_model
-
-    log.info("running in float32 on the CPU with OpenBLAS (faster here than quantised kernels)")
-    model = dequantize_model(model)
-    model.set_dtype(mx.float32)
-    mx.eval(model.parameters())
-    return model
+    return LoadedModel(entry, model, tokenizer, dialect, tuning)

@@ -1,14 +1,12 @@
-"""One request's generation with mlx-lm: sampling, constraints, output parsing, cancellation."""
+"""What one request asks of a generation: sampling, budget, events; the batch (runtime/batching.py) runs it."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import mlx.core as mx
-from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
 from runtime.errors import ContextLengthExceededError
 from runtime.output import Delta, OutputParser, ToolCalls  # noqa: F401  (re-exported event types)
@@ -73,7 +71,29 @@ def token_budget(prompt_tokens: int, requested: int | None, context_length: int)
 
 
 def sampler_for(params: SamplingParams):
+    if params.seed is not None and params.temperature > 0:
+        return SeededSampler(params)
     return make_sampler(temp=params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k)
+
+
+class SeededSampler:
+    """mlx-lm's filters (in make_sampler's order), then a draw from the request's own random key rather
+    than the process-wide one: the same seed gives the same sample whatever runs in the batch beside it."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.key = mx.random.key(params.seed)
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        p = self.params
+        if 0 < p.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, p.top_p)
+        if p.min_p != 0.0:
+            logprobs = apply_min_p(logprobs, p.min_p)
+        if p.top_k > 0:
+            logprobs = apply_top_k(logprobs, p.top_k)
+        self.key, draw = mx.random.split(self.key)
+        return mx.random.categorical(logprobs * (1.0 / p.temperature), key=draw)
 
 
 def penalties_for(params: SamplingParams) -> list:
@@ -82,28 +102,6 @@ def penalties_for(params: SamplingParams) -> list:
         presence_penalty=params.presence_penalty or None,
         frequency_penalty=params.frequency_penalty or None,
     )
-
-
-def generate(model, tokenizer, plan: Plan, cache: list, cancelled: threading.Event) -> Iterator:
-    """Yield Delta / ToolCalls events, then one Finished event."""
-    if plan.params.seed is not None:
-        mx.random.seed(plan.params.seed)
-    responses = stream_generate(
-        model, tokenizer, mx.array(plan.prompt[plan.cached :]), max_tokens=plan.budget,
-        sampler=sampler_for(plan.params), logits_processors=plan.processors, prompt_cache=cache,
-    )
-    finish = "length"
-    for response in responses:
-        plan.sampled.append(response.token)
-        if response.finish_reason != "stop":  # mlx-lm reports the EOS token itself with "stop"
-            plan.generated.append(response.token)
-        yield from plan.parser.feed(response.text)
-        finish = early_finish(plan.parser, cancelled) or response.finish_reason or finish
-        if early_finish(plan.parser, cancelled):
-            responses.close()
-            break
-    yield from plan.parser.finish()
-    yield Finished(final_reason(finish, plan.parser), len(plan.prompt), len(plan.generated), plan.cached)
 
 
 def early_finish(parser: OutputParser, cancelled: threading.Event) -> str | None:

@@ -1,10 +1,10 @@
 """Which models stay in memory: least recently used first out, within a byte budget, with pinning
-and Ollama-style idle expiry (`keep_alive`)."""
+and Ollama-style idle expiry (`keep_alive`). A model that is generating is never unloaded."""
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 
@@ -26,6 +26,18 @@ class Residency:
         self.budget_bytes = budget_bytes
         self.default_keep_alive = default_keep_alive
         self._residents: OrderedDict[str, Resident] = OrderedDict()
+        self._sequences: Counter[str] = Counter()  # running sequences per model
+
+    def use(self, key: str) -> None:
+        self._sequences[key] += 1
+
+    def done(self, key: str) -> None:
+        self._sequences[key] -= 1
+        if self._sequences[key] <= 0:
+            del self._sequences[key]
+
+    def _removable(self, key: str) -> bool:
+        return not self._residents[key].pinned and key not in self._sequences
 
     def __contains__(self, key: str) -> bool:
         return key in self._residents
@@ -59,7 +71,7 @@ class Residency:
         for key in list(self._residents):
             if self.used_bytes() + size <= self.budget_bytes:
                 break
-            if key != keep and not self._residents[key].pinned:
+            if key != keep and self._removable(key):
                 del self._residents[key]
                 evicted.append(key)
         return evicted
@@ -75,14 +87,14 @@ class Residency:
 
     def expire(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now
-        gone = [k for k, r in self._residents.items() if not r.pinned and r.expires_at is not None and r.expires_at <= now]
+        gone = [k for k, r in self._residents.items() if self._removable(k) and r.expires_at is not None and r.expires_at <= now]
         for key in gone:
             del self._residents[key]
         return gone
 
     def next_expiry_in(self, now: float | None = None) -> float | None:
         now = time.monotonic() if now is None else now
-        times = [r.expires_at for r in self._residents.values() if r.expires_at is not None and not r.pinned]
+        times = [r.expires_at for k, r in self._residents.items() if r.expires_at is not None and self._removable(k)]
         return max(0.0, min(times) - now) if times else None
 
     def describe(self) -> list[dict]:

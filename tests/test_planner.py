@@ -178,7 +178,7 @@ def test_numpy_own_openblas_is_not_taken_for_mlx_s():
 
     import numpy  # noqa: F401  (maps numpy's bundled BLAS into this process)
 
-    from runtime.hardware import loaded_blas
+    from runtime.blas import loaded_blas
 
     preloaded = "openblas" in os.environ.get("LD_PRELOAD", "")
     assert (loaded_blas() == "openblas") == preloaded

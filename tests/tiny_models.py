@@ -60,11 +60,11 @@ def vocabulary() -> list[str]:
     return SPECIAL_TOKENS + list(bytes_to_unicode().values()) + merged
 
 
-def build_model(arch: TinyArch, seed: int = 0, hidden_size: int = 64, intermediate_size: int = 128):
+def build_model(arch: TinyArch, seed: int = 0, hidden_size: int = 64, intermediate_size: int = 128, context: int = 512):
     torch.manual_seed(seed)
     config = arch.config_class(
         hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(vocabulary()), max_position_embeddings=512,
+        num_key_value_heads=2, vocab_size=len(vocabulary()), max_position_embeddings=context,
         rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=arch.tied,
         bos_token_id=1, eos_token_id=2,
     )

@@ -9,7 +9,10 @@ router = APIRouter(prefix="/api/system", tags=["system"])
 
 @router.get("/optimization")
 def optimization(runtime: RuntimeDep) -> dict:
+    from dataclasses import asdict
+
     from converters.pipeline import sizing_report
+    from runtime.blas import report
     from runtime.hardware import probe
 
     loaded = runtime.loaded
@@ -18,6 +21,10 @@ def optimization(runtime: RuntimeDep) -> dict:
         "conversion": sizing_report(),
         "runtime": {
             "layout": loaded.layout if loaded else None,
+            # How the layout and BLAS threads were chosen, with each candidate's measured speeds.
+            "tuning": asdict(loaded.tuning) if loaded else None,
+            "blas": report(),
+            "batching": asdict(runtime.limits),
             "resident_budget_bytes": runtime.residency.budget_bytes,
             "prompt_cache_budget_bytes": runtime.prompt_cache.max_bytes,
         },

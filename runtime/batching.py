@@ -1,0 +1,124 @@
+"""Continuous batching: every request for a model joins that model's running batch.
+
+mlx-lm's BatchGenerator does the work: new prompts are prefilled in chunks between decode steps,
+and each decode step runs every active sequence through the weights at once, so that several
+clients cost little more than one. Each sequence keeps its own sampler, logits processors
+(penalties, grammar), stop tokens, budget and prompt-cache prefix; one that is cancelled, or meets a
+stop string, leaves the batch at the next step and frees its slot.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from runtime import blas
+from runtime.generation import Failed, Finished, Plan, Started, early_finish, final_reason, sampler_for
+from runtime.prompt_cache import PromptCache
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_sequences: int = 8  # decoded together; further requests wait for a free slot
+    prefill_chunk: int = 512  # prompt tokens per prefill step, between decode steps of the others
+
+
+@dataclass
+class Sequence:
+    """One request in a batch."""
+    job: object  # engine.Job
+    plan: Plan
+    detokenizer: object
+    started: float = field(default_factory=time.perf_counter)
+    finished: Finished | None = None
+
+    def emit(self, events: list) -> None:
+        for event in events:
+            self.job.events.put(event)
+
+    def finish(self, reason: str) -> None:
+        plan = self.plan
+        self.emit(plan.parser.finish())
+        self.finished = Finished(final_reason(reason, plan.parser), len(plan.prompt), len(plan.generated), plan.cached)
+        self.job.events.put(self.finished)
+
+
+class Batch:
+    """The running batch of one loaded model."""
+
+    def __init__(self, loaded, prompt_cache: PromptCache, limits: BatchLimits):
+        from mlx_lm.generate import BatchGenerator
+
+        self.loaded = loaded
+        self.prompt_cache = prompt_cache
+        self.generator = BatchGenerator(
+            loaded.model, completion_batch_size=limits.max_sequences, prefill_batch_size=limits.max_sequences,
+            prefill_step_size=limits.prefill_chunk, stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
+        )
+        self.sequences: dict[int, Sequence] = {}
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def decoding(self) -> int:
+        """Sequences past their prompt (the others wait for a slot or are being prefilled)."""
+        return sum(1 for sequence in self.sequences.values() if sequence.plan.sampled)
+
+    def admit(self, job, plan: Plan, cache: list) -> None:
+        (uid,) = self.generator.insert(
+            [plan.prompt[plan.cached :]], max_tokens=[plan.budget], caches=[cache],
+            all_tokens=[plan.prompt[: plan.cached]], samplers=[sampler_for(plan.params)],
+            logits_processors=[plan.processors],
+        )
+        self.sequences[uid] = Sequence(job, plan, self.loaded.tokenizer.detokenizer)
+        job.events.put(Started(len(plan.prompt), plan.budget, plan.cached))
+
+    def step(self) -> list[Sequence]:
+        """A prefill chunk and a decode step for the whole batch; returns the sequences that ended."""
+        ended = self._drop_cancelled()
+        blas.set_threads(self.loaded.tuning.threads)
+        _, responses = self.generator.next()
+        return ended + [sequence for response in responses if (sequence := self._deliver(response))]
+
+    def fail(self, error: Exception) -> list[Sequence]:
+        """End every sequence with `error` (the generator's state is then unusable)."""
+        ended, self.sequences = list(self.sequences.values()), {}
+        for sequence in ended:
+            sequence.job.events.put(Failed(error))
+        return ended
+
+    def close(self) -> None:
+        self.generator.close()
+
+    def _drop_cancelled(self) -> list[Sequence]:
+        gone = [uid for uid, sequence in self.sequences.items() if sequence.job.cancelled.is_set()]
+        if gone:
+            self.generator.remove(gone)
+        ended = [self.sequences.pop(uid) for uid in gone]
+        for sequence in ended:
+            sequence.finish("cancelled")
+        return ended
+
+    def _deliver(self, response) -> Sequence | None:
+        """Hand one sampled token to its sequence; the sequence if it has ended."""
+        sequence, token = self.sequences[response.uid], response.token
+        sequence.plan.sampled.append(token)
+        if response.finish_reason != "stop":  # mlx-lm reports the EOS token itself with "stop"
+            sequence.plan.generated.append(token)
+            sequence.detokenizer.add_token(token)
+        if response.finish_reason is not None:
+            sequence.detokenizer.finalize()
+        sequence.emit(sequence.plan.parser.feed(sequence.detokenizer.last_segment))
+        if response.finish_reason is not None:
+            return self._end(response.uid, response.finish_reason, response.prompt_cache, response.all_tokens)
+        if reason := early_finish(sequence.plan.parser, sequence.job.cancelled):
+            cache, tokens = self.generator.remove([response.uid], return_prompt_caches=True)[response.uid]
+            return self._end(response.uid, reason, cache, tokens)
+        return None
+
+    def _end(self, uid: int, reason: str, cache: list, tokens: list[int]) -> Sequence:
+        sequence = self.sequences.pop(uid)
+        sequence.finish(reason)
+        # Filed under exactly the tokens it holds, so a follow-up turn reuses it.
+        self.prompt_cache.store(self.loaded.cache_key, list(tokens), cache)
+        return sequence

@@ -1,0 +1,221 @@
+"""How a model runs fastest on this machine: decided at load by measuring, not from tables.
+
+Candidates are the layout as converted and, when a float32 copy fits the memory plan, float32 (on
+a CPU, MLX's float32 products go to the BLAS while its quantised kernels are naive; on a GPU the
+quantised kernels usually win); for float32 on OpenBLAS, also each thread count worth trying. Each
+candidate prefills a short probe and decodes a few steps, and the one that would finish a typical
+agent turn soonest wins. Choices are remembered per model and machine in `tuning.json`, so only a
+model's first load on a machine pays for the probes (about a second per candidate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from filelock import FileLock
+
+from runtime import blas
+from runtime.hardware import available_memory, cpu_description
+
+log = logging.getLogger(__name__)
+
+AS_CONVERTED, FLOAT32 = "as converted", "float32"
+# An agent turn once the prefix cache holds the conversation so far: new prompt tokens, reply tokens.
+TURN_PROMPT_TOKENS, TURN_REPLY_TOKENS = 512, 256
+PROBE_CHUNK = 32  # prompt tokens per prefill step of the probe
+PROBE_PROMPT_TOKENS, PROBE_DECODE_STEPS = 128, 8
+PROBE_SECONDS = 1.5  # each phase of a probe stops after this long, at a step's end
+# A float32 copy may take at most this share of the memory available now.
+FP32_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layout: str
+    threads: int | None = None  # OpenBLAS threads; None where no BLAS thread count applies
+
+
+@dataclass(frozen=True)
+class Measurement:
+    candidate: Candidate
+    prefill_tps: float
+    decode_tps: float
+
+    @property
+    def turn_seconds(self) -> float:
+        return TURN_PROMPT_TOKENS / self.prefill_tps + TURN_REPLY_TOKENS / self.decode_tps
+
+    def describe(self) -> dict:
+        return {**asdict(self.candidate), "prefill_tps": round(self.prefill_tps, 1),
+                "decode_tps": round(self.decode_tps, 2), "turn_seconds": round(self.turn_seconds, 2)}
+
+
+@dataclass
+class Tuning:
+    """What a loaded model runs with, and why."""
+    layout: str = AS_CONVERTED
+    threads: int | None = None
+    reason: str = "only candidate"  # measured | remembered | only candidate | set by IMPETUS_LAYOUT
+    measurements: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def chosen(cls, measurements: list[Measurement]) -> "Tuning":
+        best = min(measurements, key=lambda m: m.turn_seconds)
+        return cls(best.candidate.layout, best.candidate.threads, "measured", [m.describe() for m in measurements])
+
+
+def as_float32(model):
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model
+
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+def is_float32(model) -> bool:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return all(value.dtype == mx.float32 for _, value in tree_flatten(model.parameters()))
+
+
+def fits_as_float32(parameters: int) -> bool:
+    return parameters * 4 < FP32_MEMORY_SHARE * available_memory()
+
+
+def thread_counts() -> list[int | None]:
+    """OpenBLAS thread counts worth trying: powers of two up to the usable cores, and all of them."""
+    if blas.threads() is None:
+        return [None]
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return sorted({usable, *(1 << i for i in range(usable.bit_length()) if 1 << i <= usable)})
+
+
+def machine_fingerprint() -> str:
+    """What the measurements depend on besides the model: a change means measuring again."""
+    import mlx.core as mx
+
+    report = blas.report()
+    parts = [platform.machine(), cpu_description().get("model"), cpu_description().get("usable_cores"),
+             mx.__version__, str(mx.default_device()), report["sgemm_from"], report["single_row_gemv"]]
+    return "|".join(str(part) for part in parts)
+
+
+def forward(model, tokens, cache) -> None:
+    """One model step over `tokens`, evaluated as far as the next token, as generation does."""
+    import mlx.core as mx
+
+    logits = model(tokens[None], cache=cache)
+    mx.eval(mx.argmax(logits[:, -1], axis=-1))
+
+
+def rate(step, units_per_step: int, most_steps: int) -> float:
+    """Units per second of `step`, run until `most_steps` steps or PROBE_SECONDS (at least once)."""
+    started, steps = time.perf_counter(), 0
+    while steps < most_steps and (steps == 0 or time.perf_counter() - started < PROBE_SECONDS):
+        step(steps)
+        steps += 1
+    return steps * units_per_step / (time.perf_counter() - started)
+
+
+def probe(model) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of `model` on a fresh KV cache; the token ids do not matter."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    tokens = mx.arange(PROBE_PROMPT_TOKENS) % 8 + 1
+    forward(model, tokens[:4], make_prompt_cache(model))  # first-call allocations are not the model's speed
+    cache = make_prompt_cache(model)
+    prefill = rate(lambda i: forward(model, tokens[i * PROBE_CHUNK:(i + 1) * PROBE_CHUNK], cache),
+                   PROBE_CHUNK, PROBE_PROMPT_TOKENS // PROBE_CHUNK)
+    forward(model, tokens[:1], cache)
+    decode = rate(lambda i: forward(model, tokens[i:i + 1], cache), 1, PROBE_DECODE_STEPS)
+    return prefill, decode
+
+
+def measure(model, candidates: list[Candidate]) -> list[Measurement]:
+    measurements = []
+    for candidate in candidates:
+        blas.set_threads(candidate.threads)
+        measurements.append(Measurement(candidate, *probe(model)))
+        log.info("probe %s: %s", candidate, measurements[-1].describe())
+    return measurements
+
+
+class Tuner:
+    """Chooses each model's layout and BLAS threads; `layout` and `threads` pin them instead."""
+
+    def __init__(self, path: Path | None = None, layout: str = "auto", threads: int | None = None, retune: bool = False):
+        self.path = path  # tuning.json; None: measure at every load, remember nothing
+        self.layout = layout
+        self.threads = threads
+        self.retune = retune
+
+    def tune(self, entry, model, reload):
+        """(the model in its chosen layout, the Tuning); `reload()` gives the model as converted again."""
+        candidates = self.candidates(entry, model)
+        if len(candidates) == 1:
+            reason = "only candidate" if self.layout == "auto" and self.threads is None else "set by settings"
+            return self.apply(model, Tuning(candidates[0].layout, candidates[0].threads, reason))
+        tuning = self.remembered(entry.key)
+        if tuning is None:
+            tuning = self.measured(model, candidates)  # leaves `model` in float32 if that was measured
+            self.remember(entry.key, tuning)
+            if tuning.layout == AS_CONVERTED and any(c.layout == FLOAT32 for c in candidates):
+                model = reload()
+        return self.apply(model, tuning)
+
+    def candidates(self, entry, model) -> list[Candidate]:
+        threads = [t for t in thread_counts() if self.threads in (None, t)] or [self.threads]
+        if is_float32(model):
+            found = [Candidate(AS_CONVERTED, t) for t in threads]
+        else:
+            found = [Candidate(AS_CONVERTED)]
+            found += [Candidate(FLOAT32, t) for t in threads] if fits_as_float32(entry.parameters) else []
+        return [c for c in found if self.layout in ("auto", c.layout)] or [Candidate(self.layout, self.threads)]
+
+    @staticmethod
+    def measured(model, candidates: list[Candidate]) -> Tuning:
+        measurements = measure(model, [c for c in candidates if c.layout == AS_CONVERTED])
+        if wider := [c for c in candidates if c.layout == FLOAT32]:
+            measurements += measure(as_float32(model), wider)  # in place: the caller reloads if need be
+        return Tuning.chosen(measurements)
+
+    @staticmethod
+    def apply(model, tuning: Tuning):
+        blas.set_threads(tuning.threads)
+        if tuning.layout == FLOAT32 and not is_float32(model):
+            model = as_float32(model)
+        return model, tuning
+
+    def remembered(self, model_key: str) -> Tuning | None:
+        if self.path is None or self.retune or not self.path.exists():
+            return None
+        try:
+            known = json.loads(self.path.read_text()).get(machine_fingerprint(), {}).get(model_key)
+        except (OSError, ValueError) as exc:  # a damaged file only costs a new measurement
+            log.warning("ignoring unreadable %s: %s", self.path, exc)
+            return None
+        return Tuning(**{**known, "reason": "remembered"}) if known else None
+
+    def remember(self, model_key: str, tuning: Tuning) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + ".lock"):
+            try:
+                known = json.loads(self.path.read_text()) if self.path.exists() else {}
+            except ValueError:
+                known = {}
+            known.setdefault(machine_fingerprint(), {})[model_key] = asdict(tuning)
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(json.dumps(known, indent=1))
+            partial.replace(self.path)

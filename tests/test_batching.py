@@ -1,0 +1,139 @@
+"""Continuous batching in the real runtime, on a tiny model: a batch gives each request the tokens it
+would get alone, a seed stays the request's own, and a cancelled request frees its slot."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from cache.store import ModelStore
+from converters.pipeline import ensure_converted
+from runtime.batching import BatchLimits
+from runtime.engine import Job, Runtime
+from runtime.generation import Delta, Failed, Finished, SamplingParams
+from runtime.prompts import TextPrompt
+from tests.tiny_models import ARCHS, Q, build_model, write_gguf
+
+PROMPTS = ["the cat sat", "he said the", "t h e", "hello there, the end of it"]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny float32 llama with an 8k context (room for a request that would run a long time)."""
+    folder = tmp_path_factory.mktemp("batching")
+    arch = ARCHS["llama"]
+    source = write_gguf(build_model(arch, seed=3, context=8192), arch, folder / "tiny.gguf", Q.F32)
+    store = ModelStore(folder / "home")
+    return store, ensure_converted(source, store).entry
+
+
+@contextlib.contextmanager
+def fresh_runtime(store: ModelStore, max_sequences: int = 4):
+    """A runtime with nothing loaded: the first job's load holds the MLX thread while the rest queue up."""
+    runtime = Runtime(store, limits=BatchLimits(max_sequences=max_sequences))
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+@dataclass
+class Outcome:
+    text: str
+    finished: Finished
+
+
+def outcome(job: Job) -> Outcome:
+    pieces = []
+    while not isinstance(event := job.events.get(timeout=120), Finished):
+        assert not isinstance(event, Failed), event.error
+        if isinstance(event, Delta):
+            pieces.append(event.text)
+    return Outcome("".join(pieces), event)
+
+
+def outcomes(jobs: list[Job]) -> list[Outcome]:
+    """Every job's outcome, each read by its own thread as its events arrive."""
+    results: dict[int, Outcome] = {}
+    readers = [threading.Thread(target=lambda i=i, job=job: results.update({i: outcome(job)})) for i, job in enumerate(jobs)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=180)
+    return [results[i] for i in range(len(jobs))]
+
+
+def one_at_a_time(store, entry, prompts: list[str], params: SamplingParams) -> list[Outcome]:
+    with fresh_runtime(store, max_sequences=1) as runtime:
+        return [outcome(runtime.submit(entry, TextPrompt(p), params)) for p in prompts]
+
+
+def test_a_batch_gives_every_request_the_greedy_tokens_it_gets_alone(tiny):
+    store, entry = tiny
+    alone = one_at_a_time(store, entry, PROMPTS, GREEDY)
+    with fresh_runtime(store, max_sequences=4) as runtime:
+        together = outcomes([runtime.submit(entry, TextPrompt(p), GREEDY) for p in PROMPTS])
+        most_at_once = runtime.stats.most_decoding_sequences
+
+    assert most_at_once == len(PROMPTS)  # they really were decoded together
+    assert [o.text for o in together] == [o.text for o in alone]
+    assert [o.finished.completion_tokens for o in together] == [o.finished.completion_tokens for o in alone]
+    assert len({o.text for o in together}) == len(PROMPTS)  # different prompts, different answers
+
+
+def test_more_requests_than_slots_wait_and_still_get_their_own_tokens(tiny):
+    store, entry = tiny
+    prompts = PROMPTS * 2
+    alone = one_at_a_time(store, entry, PROMPTS, GREEDY)
+    with fresh_runtime(store, max_sequences=3) as runtime:
+        together = outcomes([runtime.submit(entry, TextPrompt(p), GREEDY) for p in prompts])
+        most_at_once = runtime.stats.most_decoding_sequences
+
+    assert most_at_once == 3
+    assert [o.text for o in together] == [o.text for o in alone * 2]
+
+
+def test_a_seed_gives_the_same_sample_beside_other_requests(tiny):
+    store, entry = tiny
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, seed=11)
+    (alone,) = one_at_a_time(store, entry, PROMPTS[:1], seeded)
+    with fresh_runtime(store) as runtime:
+        unseeded = SamplingParams(max_tokens=16, temperature=1.0)
+        jobs = [runtime.submit(entry, TextPrompt(PROMPTS[0]), seeded), runtime.submit(entry, TextPrompt(PROMPTS[1]), unseeded),
+                runtime.submit(entry, TextPrompt(PROMPTS[0]), seeded)]
+        first, _, second = outcomes(jobs)
+
+    assert first.text == second.text == alone.text
+    other_seed = one_at_a_time(store, entry, PROMPTS[:1], SamplingParams(max_tokens=16, temperature=1.0, seed=12))
+    assert other_seed[0].text != alone.text
+
+
+def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(tiny):
+    store, entry = tiny
+    with fresh_runtime(store, max_sequences=1) as runtime:
+        endless = runtime.submit(entry, TextPrompt(PROMPTS[0]), SamplingParams(temperature=0.0))  # the rest of 8k
+        waiting = runtime.submit(entry, TextPrompt(PROMPTS[1]), SamplingParams(max_tokens=8, temperature=0.0))
+        time.sleep(1.0)  # 8 tokens take milliseconds: had it a slot, `waiting` would be done by now
+        finished_early = [e for e in drain(waiting) if isinstance(e, Finished)]
+        status = runtime.status()
+        endless.cancel()
+        cancelled, served = outcome(endless), outcome(waiting)
+
+    assert finished_early == [] and (status["active_sequences"], status["decoding_sequences"]) == (2, 1)
+    assert cancelled.finished.finish_reason == "cancelled" and 0 < cancelled.finished.completion_tokens < 8000
+    assert served.finished.completion_tokens == 8
+
+
+def drain(job: Job) -> list:
+    """The events a job has now, put back so that `outcome` still sees them."""
+    events = []
+    while not job.events.empty():
+        events.append(job.events.get_nowait())
+    for event in events:
+        job.events.put(event)
+    return events

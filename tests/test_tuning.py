@@ -1,0 +1,84 @@
+"""The runtime picks each model's layout by measuring it on this machine, remembers the choice per
+machine, and runs the model in that layout with the same results."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from cache.store import ModelStore
+from converters.pipeline import ensure_converted
+from runtime.engine import load
+from runtime.tuning import AS_CONVERTED, FLOAT32, Tuner, is_float32, machine_fingerprint
+from tests.tiny_models import ARCHS, IDS, Q, build_model, write_gguf
+
+
+@pytest.fixture(scope="module")
+def quantised(tmp_path_factory):
+    """A tiny Q4_0 llama, converted: kept as 4-bit codes, so float32 is a second candidate layout."""
+    folder = tmp_path_factory.mktemp("tuning")
+    arch = ARCHS["llama"]
+    source = write_gguf(build_model(arch, seed=5), arch, folder / "tiny.gguf", Q.Q4_0)
+    store = ModelStore(folder / "home")
+    entry = ensure_converted(source, store).entry
+    return entry, store.checkpoint_path(entry)
+
+
+def logits(model) -> np.ndarray:
+    return np.array(model(mx.array([IDS]))[0].astype(mx.float32))
+
+
+def test_every_candidate_is_measured_and_the_fastest_for_a_turn_is_kept(quantised, tmp_path):
+    entry, path = quantised
+    loaded = load(entry, path, tuner=Tuner(tmp_path / "tuning.json"))
+    tuning = loaded.tuning
+
+    assert tuning.reason == "measured"
+    assert {m["layout"] for m in tuning.measurements} == {AS_CONVERTED, FLOAT32}
+    assert all(m["prefill_tps"] > 0 and m["decode_tps"] > 0 for m in tuning.measurements)
+    best = min(tuning.measurements, key=lambda m: m["turn_seconds"])
+    assert (tuning.layout, tuning.threads) == (best["layout"], best["threads"])
+    assert is_float32(loaded.model) == (tuning.layout == FLOAT32)
+
+
+def test_a_choice_is_remembered_for_this_machine_only(quantised, tmp_path):
+    entry, path = quantised
+    first = load(entry, path, tuner=Tuner(tmp_path / "tuning.json")).tuning
+    again = load(entry, path, tuner=Tuner(tmp_path / "tuning.json")).tuning
+    assert again.reason == "remembered" and (again.layout, again.threads) == (first.layout, first.threads)
+
+    remembered = json.loads((tmp_path / "tuning.json").read_text())
+    assert list(remembered) == [machine_fingerprint()] and entry.key in remembered[machine_fingerprint()]
+    other_machine = {"another cpu": remembered[machine_fingerprint()]}
+    (tmp_path / "tuning.json").write_text(json.dumps(other_machine))
+    assert load(entry, path, tuner=Tuner(tmp_path / "tuning.json")).tuning.reason == "measured"
+
+
+def test_retune_measures_again_and_a_damaged_file_costs_only_a_measurement(quantised, tmp_path):
+    entry, path = quantised
+    load(entry, path, tuner=Tuner(tmp_path / "tuning.json"))
+    assert load(entry, path, tuner=Tuner(tmp_path / "tuning.json", retune=True)).tuning.reason == "measured"
+    (tmp_path / "tuning.json").write_text("{not json")
+    assert load(entry, path, tuner=Tuner(tmp_path / "tuning.json")).tuning.reason == "measured"
+
+
+@pytest.mark.parametrize("layout", [FLOAT32, AS_CONVERTED])
+def test_a_pinned_layout_is_used_without_measuring(quantised, layout):
+    entry, path = quantised
+    loaded = load(entry, path, tuner=Tuner(None, layout=layout))
+    assert loaded.tuning.layout == layout and loaded.tuning.reason == "set by settings"
+    assert loaded.tuning.measurements == []
+    assert is_float32(loaded.model) == (layout == FLOAT32)
+
+
+def test_both_layouts_compute_the_same_logits(quantised):
+    entry, path = quantised
+    as_converted = load(entry, path, tuner=Tuner(None, layout=AS_CONVERTED)).model
+    widened = load(entry, path, tuner=Tuner(None, layout=FLOAT32)).model
+    assert not is_float32(as_converted)
+    reference = logits(as_converted)  # computed in the scales' float16: within its rounding of float32
+    np.testing.assert_allclose(logits(widened), reference, atol=0.01 * np.abs(reference).max())
+    assert (logits(widened).argmax(-1) == reference.argmax(-1)).mean() > 0.9
