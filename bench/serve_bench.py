@@ -174,9 +174,10 @@ def mapped_blas(pid: int | str = "self") -> str:
     its symbols are renamed, so only a system OpenBLAS (preloaded) interposes on MLX's bundled libblas."""
     names = {Path(line.split()[-1]).name for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
              if line.count(" ") >= 5 and "/" in line}
+    forwarding = " + sgemv forwarding" if any(name.startswith("libimpetus_gemv") for name in names) else ""
     for prefix, label in (("libopenblas", "OpenBLAS"), ("libmkl", "MKL"), ("libblis", "BLIS")):
         if any(name.startswith(prefix) for name in names):
-            return label
+            return label + forwarding
     if any(name.startswith("libblas") for name in names):
         return "reference libblas"
     return "none mapped"
@@ -193,7 +194,7 @@ def raw_mlx_worker(work: Workload, layout: str) -> Result:
     engine = "raw-fp32" if layout == "float32" else "raw-q4"
     model, tokenizer = load(work.model_dir)
     if layout == "float32":
-        from runtime.engine import as_float32
+        from runtime.tuning import as_float32
 
         model = as_float32(model)
     result = Result(engine, LABELS[engine], note=f"mlx {mx.__version__}, stream_generate, in-process")
@@ -465,7 +466,9 @@ def impetus_note(server: Server) -> str:
     import httpx
 
     status = httpx.get(server.url + "/api/models/status", timeout=10).json()
-    return f"layout {status.get('layout')}, runtime BLAS {status.get('runtime', {}).get('blas')}"
+    runtime, tuning = status.get("runtime", {}), status.get("tuning") or {}
+    return (f"layout {status.get('layout')} with {tuning.get('threads')} BLAS thread(s) ({tuning.get('reason')}), "
+            f"sgemm from {Path(runtime.get('sgemm_from', '?')).name}")
 
 
 def mlx_server_note(server: Server) -> str:
@@ -485,10 +488,11 @@ def base_env(home: Path, openblas_threads: int | None) -> dict:
 
 
 def openblas_env(env: dict) -> dict:
-    from runtime.hardware import openblas_path
+    """The preloads our server gives itself (OpenBLAS, and the single-row forwarding library in front)."""
+    from runtime.blas import preloads
 
-    library = openblas_path()
-    return {**env, "LD_PRELOAD": library} if library else env
+    libraries = preloads(Path(env["IMPETUS_HOME"]) / "native")
+    return {**env, "LD_PRELOAD": " ".join(libraries)} if libraries else env
 
 
 def run_engine(engine: str, work: Workload, spec: Path, env: dict, entry_id: str, logs: Path) -> Result:

@@ -36,21 +36,25 @@ class Sequence:
         for event in events:
             self.job.events.put(event)
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, record) -> None:
+        """Send the last events; `record(finished, seconds)` runs first, so a client that has its answer
+        already sees it in the runtime's statistics."""
         plan = self.plan
         self.emit(plan.parser.finish())
         self.finished = Finished(final_reason(reason, plan.parser), len(plan.prompt), len(plan.generated), plan.cached)
+        record(self.finished, time.perf_counter() - self.started)
         self.job.events.put(self.finished)
 
 
 class Batch:
     """The running batch of one loaded model."""
 
-    def __init__(self, loaded, prompt_cache: PromptCache, limits: BatchLimits):
+    def __init__(self, loaded, prompt_cache: PromptCache, limits: BatchLimits, record):
         from mlx_lm.generate import BatchGenerator
 
         self.loaded = loaded
         self.prompt_cache = prompt_cache
+        self.record = record  # record(Finished, seconds): the runtime's statistics
         self.generator = BatchGenerator(
             loaded.model, completion_batch_size=limits.max_sequences, prefill_batch_size=limits.max_sequences,
             prefill_step_size=limits.prefill_chunk, stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
@@ -96,7 +100,7 @@ class Batch:
             self.generator.remove(gone)
         ended = [self.sequences.pop(uid) for uid in gone]
         for sequence in ended:
-            sequence.finish("cancelled")
+            sequence.finish("cancelled", self.record)
         return ended
 
     def _deliver(self, response) -> Sequence | None:
@@ -118,7 +122,7 @@ class Batch:
 
     def _end(self, uid: int, reason: str, cache: list, tokens: list[int]) -> Sequence:
         sequence = self.sequences.pop(uid)
-        sequence.finish(reason)
+        sequence.finish(reason, self.record)
         # Filed under exactly the tokens it holds, so a follow-up turn reuses it.
         self.prompt_cache.store(self.loaded.cache_key, list(tokens), cache)
         return sequence

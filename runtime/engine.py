@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -249,7 +248,7 @@ class Runtime:
 
     def _batch_for(self, loaded: LoadedModel) -> Batch:
         if (batch := self._batches.get(loaded.entry.key)) is None:
-            batch = self._batches[loaded.entry.key] = Batch(loaded, self.prompt_cache, self.limits)
+            batch = self._batches[loaded.entry.key] = Batch(loaded, self.prompt_cache, self.limits, self.stats.record)
         return batch
 
     def _step(self) -> None:
@@ -268,8 +267,6 @@ class Runtime:
 
     def _ended(self, sequences: list[Sequence]) -> None:
         for sequence in sequences:
-            if sequence.finished is not None:
-                self.stats.record(sequence.finished, time.perf_counter() - sequence.started)
             self.residency.done(sequence.job.entry.key)
             self._release(sequence.job)
 

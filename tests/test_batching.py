@@ -116,17 +116,28 @@ def test_a_seed_gives_the_same_sample_beside_other_requests(tiny):
 def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(tiny):
     store, entry = tiny
     with fresh_runtime(store, max_sequences=1) as runtime:
-        endless = runtime.submit(entry, TextPrompt(PROMPTS[0]), SamplingParams(temperature=0.0))  # the rest of 8k
+        long = runtime.submit(entry, TextPrompt(PROMPTS[0]), SamplingParams(max_tokens=200, temperature=0.0))
         waiting = runtime.submit(entry, TextPrompt(PROMPTS[1]), SamplingParams(max_tokens=8, temperature=0.0))
-        time.sleep(1.0)  # 8 tokens take milliseconds: had it a slot, `waiting` would be done by now
-        finished_early = [e for e in drain(waiting) if isinstance(e, Finished)]
+        early = texts_until(long, 5)  # `long` holds the only slot for ~200 steps; we read as it decodes
+        waited = [type(e).__name__ for e in drain(waiting)]
         status = runtime.status()
-        endless.cancel()
-        cancelled, served = outcome(endless), outcome(waiting)
+        long.cancel()
+        cancelled, served = outcome(long), outcome(waiting)
 
-    assert finished_early == [] and (status["active_sequences"], status["decoding_sequences"]) == (2, 1)
-    assert cancelled.finished.finish_reason == "cancelled" and 0 < cancelled.finished.completion_tokens < 8000
+    assert len(early) == 5 and waited in ([], ["Started"])  # no token for `waiting` while `long` ran
+    assert (status["active_sequences"], status["decoding_sequences"]) == (2, 1)
+    assert cancelled.finished.finish_reason == "cancelled" and cancelled.finished.completion_tokens < 200
     assert served.finished.completion_tokens == 8
+
+
+def texts_until(job: Job, count: int) -> list[str]:
+    texts = []
+    while len(texts) < count:
+        event = job.events.get(timeout=60)
+        assert not isinstance(event, (Failed, Finished)), event
+        if isinstance(event, Delta):
+            texts.append(event.text)
+    return texts
 
 
 def drain(job: Job) -> list:
