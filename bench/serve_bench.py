@@ -531,7 +531,8 @@ def machine() -> dict:
 
     import mlx.core as mx
 
-    from runtime.hardware import cpu_description, openblas_path, physical_memory
+    from runtime.blas import openblas_path
+    from runtime.hardware import cpu_description, physical_memory
 
     cpu = cpu_description()
     return {

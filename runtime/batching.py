@@ -80,7 +80,8 @@ class Batch:
     def step(self) -> list[Sequence]:
         """A prefill chunk and a decode step for the whole batch; returns the sequences that ended."""
         ended = self._drop_cancelled()
-        blas.set_threads(self.loaded.tuning.threads)
+        tuning = self.loaded.tuning
+        blas.set_threads(tuning.threads if self.decoding() == len(self) else tuning.prefill_threads)
         _, responses = self.generator.next()
         return ended + [sequence for response in responses if (sequence := self._deliver(response))]
 

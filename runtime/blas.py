@@ -2,8 +2,9 @@
 
 MLX's Linux CPU wheel bundles the reference BLAS. The server re-executes itself once with Debian's
 OpenBLAS preloaded and, in front of it, a small library of ours (`native/gemv_forward.c`, built on
-first use with the system C compiler) that answers single-row products, one per weight matrix in
-every decode step, with `sgemv`: OpenBLAS releases before 0.3.27 pack the whole matrix for them.
+first use with the system C compiler) that answers the products of decode steps (one row, or the few
+rows of a small batch, against each weight matrix) itself or with `sgemv`: OpenBLAS releases before
+0.3.27 pack the whole weight matrix for them.
 `report()` checks what really serves `cblas_sgemm` in this process, rather than trusting the plan.
 """
 
@@ -57,8 +58,11 @@ def loaded_blas() -> str:
 
 
 def gemv_forward_library(folder: Path) -> Path | None:
-    """The single-row forwarding library for this source, compiled once into `folder`."""
-    digest = hashlib.sha256(GEMV_SOURCE.read_bytes()).hexdigest()[:12]
+    """The forwarding library for this source and this processor, compiled once into `folder`."""
+    from runtime.hardware import cpu_description
+
+    built_for = f"{cpu_description().get('model')}|{os.uname().machine}".encode()
+    digest = hashlib.sha256(GEMV_SOURCE.read_bytes() + built_for).hexdigest()[:12]
     target = folder / f"{GEMV_LIBRARY_PREFIX}-{digest}.so"
     return target if target.exists() or compile_library(GEMV_SOURCE, target) else None
 
@@ -70,7 +74,8 @@ def compile_library(source: Path, target: Path) -> bool:
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    command = [compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(source), "-ldl"]
+    # Built where it runs (the processor is in its name), so it may use all of this processor's vector units.
+    command = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-o", str(partial), str(source), "-ldl"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         log.warning("could not build %s (decode steps stay slower): %s", source.name, done.stderr.strip())

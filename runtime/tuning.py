@@ -3,8 +3,9 @@
 Candidates are the layout as converted and, when a float32 copy fits the memory plan, float32 (on
 a CPU, MLX's float32 products go to the BLAS while its quantised kernels are naive; on a GPU the
 quantised kernels usually win); for float32 on OpenBLAS, also each thread count worth trying. Each
-candidate prefills a short probe and decodes a few steps, and the one that would finish a typical
-agent turn soonest wins. Choices are remembered per model and machine in `tuning.json`, so only a
+candidate prefills a short probe and decodes a few steps; the layout that would finish a typical
+agent turn soonest wins, and with it the thread counts that prefilled and decoded fastest (the batch
+switches between them as it prefills or only decodes). Choices are remembered per model and machine in `tuning.json`, so only a
 model's first load on a machine pays for the probes (about a second per candidate).
 """
 
@@ -60,14 +61,28 @@ class Measurement:
 class Tuning:
     """What a loaded model runs with, and why."""
     layout: str = AS_CONVERTED
-    threads: int | None = None
-    reason: str = "only candidate"  # measured | remembered | only candidate | set by IMPETUS_LAYOUT
+    threads: int | None = None  # OpenBLAS threads while only decoding
+    reason: str = "only candidate"  # measured | remembered | only candidate | set by settings
     measurements: list[dict] = field(default_factory=list)
+    prefill_threads: int | None = None  # while a prompt is being prefilled
+
+    def __post_init__(self):
+        self.prefill_threads = self.prefill_threads or self.threads
 
     @classmethod
     def chosen(cls, measurements: list[Measurement]) -> "Tuning":
-        best = min(measurements, key=lambda m: m.turn_seconds)
-        return cls(best.candidate.layout, best.candidate.threads, "measured", [m.describe() for m in measurements])
+        layouts = {m.candidate.layout for m in measurements}
+        layout = min(layouts, key=lambda name: turn_seconds([m for m in measurements if m.candidate.layout == name]))
+        mine = [m for m in measurements if m.candidate.layout == layout]
+        decode = max(mine, key=lambda m: m.decode_tps).candidate.threads
+        prefill = max(mine, key=lambda m: m.prefill_tps).candidate.threads
+        return cls(layout, decode, "measured", [m.describe() for m in measurements], prefill)
+
+
+def turn_seconds(measurements: list[Measurement]) -> float:
+    """A typical agent turn with the fastest prefill and the fastest decode among these."""
+    prefill, decode = max(m.prefill_tps for m in measurements), max(m.decode_tps for m in measurements)
+    return TURN_PROMPT_TOKENS / prefill + TURN_REPLY_TOKENS / decode
 
 
 def as_float32(model):

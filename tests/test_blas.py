@@ -15,7 +15,7 @@ from runtime.blas import GEMV_LIBRARY_PREFIX, openblas_path, preloads, symbol_pr
 
 pytestmark = pytest.mark.skipif(openblas_path() is None, reason="needs Debian's OpenBLAS (make test installs it)")
 
-# Every operand layout of a product with a single row or column, plus ordinary ones, through MLX; and
+# Every operand layout of products with one row or column, a few rows, and more, through MLX; and
 # cblas_sgemm called directly with beta = 0 on an output full of NaN, which must not survive.
 CHECK = r"""
 import ctypes, json
@@ -24,7 +24,8 @@ from runtime.blas import symbol_provider
 
 rng = np.random.default_rng(0)
 errors = []
-for m, n, k in [(1, 300, 70), (70, 1, 300), (1, 1, 5), (3, 4, 5), (1, 4096, 576), (2, 1, 9)]:
+for m, n, k in [(1, 300, 70), (70, 1, 300), (1, 1, 5), (3, 4, 5), (1, 4096, 576), (2, 1, 9), (4, 300, 70),
+                (8, 1000, 576), (9, 50, 20)]:
     a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
     ma, mb, mat, mbt = mx.array(a), mx.array(b), mx.array(a.T.copy()).T, mx.array(b.T.copy()).T
     c = rng.standard_normal((m, n), dtype=np.float32)

@@ -4,7 +4,9 @@ idle ones unload; uploads are checked and converted. A real server on tiny GGUF 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -34,7 +36,8 @@ def home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(models, home, tmp_path_factory):
     root, paths = models
-    env = {"IMPETUS_MODEL_ROOTS": str(root), "IMPETUS_UPLOAD_MAX_BYTES": "200000", "IMPETUS_KEEP_ALIVE": "-1"}
+    env = {"IMPETUS_MODEL_ROOTS": str(root), "IMPETUS_UPLOAD_MAX_BYTES": "200000", "IMPETUS_KEEP_ALIVE": "-1",
+           "IMPETUS_MAX_SEQUENCES": "3", "IMPETUS_PREFILL_CHUNK": "256"}
     with running_server(home, str(paths["tiny-a"]), tmp_path_factory.mktemp("log"), **env) as running:
         yield running.url
 
@@ -137,6 +140,19 @@ def test_system_optimization_reports_hardware_and_choices(server):
     assert report["hardware"]["memory"]["total_bytes"] > 0 and report["hardware"]["blas"] == "openblas"
     assert report["conversion"]["budget_bytes"] > 0
     assert report["runtime"]["resident_budget_bytes"] > 0 and report["runtime"]["layout"] in ("float32", "as converted")
+
+
+def test_the_server_measures_its_layouts_and_threads_on_the_fast_blas(server):
+    """Relaunched with OpenBLAS and the forwarding library in front; each layout and thread count measured."""
+    runtime = httpx.get(f"{server}/api/system/optimization").json()["runtime"]
+    tuning, blas = runtime["tuning"], runtime["blas"]
+    assert blas["single_row_gemv"] and Path(blas["sgemm_from"]).name.startswith("libimpetus_gemv")
+    assert tuning["reason"] in ("measured", "remembered")
+    measured = {(m["layout"], m["threads"]) for m in tuning["measurements"]}
+    cores = len(os.sched_getaffinity(0))
+    assert ("as converted", None) in measured and {("float32", 1), ("float32", cores)} <= measured
+    assert (tuning["layout"], tuning["threads"]) in measured | {("as converted", None)}
+    assert runtime["batching"] == {"max_sequences": 3, "prefill_chunk": 256}
 
 
 def test_model_configuration_file_names_a_model(server, home, tmp_path):

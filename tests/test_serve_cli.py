@@ -23,3 +23,9 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
     result = run_cli("-m", "api", "--model", "no-such-model", home=tmp_path / "home")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: 'no-such-model' is neither a cached model id nor a model file or folder"]
+
+
+def test_a_bad_batching_flag_is_a_usage_error(tmp_path):
+    result = run_cli("-m", "api", "--max-sequences", "0", home=tmp_path / "home")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--max-sequences: expected a whole number of at least 1, not '0'" in result.stderr

@@ -12,7 +12,8 @@ import pytest
 from cache.store import ModelStore
 from converters.pipeline import ensure_converted
 from runtime.engine import load
-from runtime.tuning import AS_CONVERTED, FLOAT32, Tuner, is_float32, machine_fingerprint
+from runtime.tuning import (AS_CONVERTED, FLOAT32, TURN_PROMPT_TOKENS, TURN_REPLY_TOKENS, Tuner, is_float32,
+                            machine_fingerprint)
 from tests.tiny_models import ARCHS, IDS, Q, build_model, write_gguf
 
 
@@ -39,8 +40,14 @@ def test_every_candidate_is_measured_and_the_fastest_for_a_turn_is_kept(quantise
     assert tuning.reason == "measured"
     assert {m["layout"] for m in tuning.measurements} == {AS_CONVERTED, FLOAT32}
     assert all(m["prefill_tps"] > 0 and m["decode_tps"] > 0 for m in tuning.measurements)
-    best = min(tuning.measurements, key=lambda m: m["turn_seconds"])
-    assert (tuning.layout, tuning.threads) == (best["layout"], best["threads"])
+    def turn(layout: str) -> float:
+        mine = [m for m in tuning.measurements if m["layout"] == layout]
+        return TURN_PROMPT_TOKENS / max(m["prefill_tps"] for m in mine) + TURN_REPLY_TOKENS / max(m["decode_tps"] for m in mine)
+
+    assert tuning.layout == min((AS_CONVERTED, FLOAT32), key=turn)
+    mine = [m for m in tuning.measurements if m["layout"] == tuning.layout]
+    assert tuning.threads == max(mine, key=lambda m: m["decode_tps"])["threads"]
+    assert tuning.prefill_threads == max(mine, key=lambda m: m["prefill_tps"])["threads"]
     assert is_float32(loaded.model) == (tuning.layout == FLOAT32)
 
 

@@ -1,15 +1,19 @@
-/* Forwards single-row and single-column cblas_sgemm calls to cblas_sgemv.
+/* Answers the cblas_sgemm calls of decode steps itself, and hands every other call to OpenBLAS.
  *
  * MLX's CPU backend computes every float32 matrix product with cblas_sgemm, decode steps included,
- * where one operand is a single row. OpenBLAS releases before 0.3.27 pack the whole weight matrix
- * for such a call, which costs several times the matrix-vector product itself. Preloaded in front
- * of OpenBLAS, this library answers those calls with sgemv and hands every other call on unchanged.
+ * where the activations are one row (one sequence) or a few (a small batch). OpenBLAS releases
+ * before 0.3.27 pack the whole weight matrix for such a call, which costs several times the
+ * product itself. Preloaded in front of OpenBLAS, this library forwards single-row and
+ * single-column products to sgemv, and computes products of a few rows against a linear layer's
+ * weights (B transposed) reading each weight row once, while it is in the L1 cache.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stddef.h>
+#include <string.h>
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111 };
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+enum { FEW_ROWS = 8 }; /* a batch of decode steps; larger products are OpenBLAS's */
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
@@ -40,7 +44,7 @@ static void single_row(int trans_a, int trans_b, int n, int k, float alpha, cons
     if (beta == 0.0f) clear(c, n, 1);
     int x_stride = trans_a == NO_TRANS ? 1 : lda;
     if (trans_b == NO_TRANS) /* B is K x N: y = B^T x */
-        blas_sgemv()(ROW_MAJOR, NO_TRANS + 1, k, n, alpha, b, ldb, a, x_stride, beta, c, 1);
+        blas_sgemv()(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, x_stride, beta, c, 1);
     else /* B is N x K: y = B x */
         blas_sgemv()(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, x_stride, beta, c, 1);
 }
@@ -53,7 +57,40 @@ static void single_column(int trans_a, int trans_b, int m, int k, float alpha, c
     if (trans_a == NO_TRANS) /* A is M x K */
         blas_sgemv()(ROW_MAJOR, NO_TRANS, m, k, alpha, a, lda, b, x_stride, beta, c, ldc);
     else /* A is K x M */
-        blas_sgemv()(ROW_MAJOR, NO_TRANS + 1, k, m, alpha, a, lda, b, x_stride, beta, c, ldc);
+        blas_sgemv()(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, x_stride, beta, c, ldc);
+}
+
+typedef float lanes __attribute__((vector_size(32)));
+
+static lanes load(const float *p) {
+    lanes v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Row j of C (M x N) = alpha * A (M x K) * B^T + beta * C, B stored N x K as a linear layer's weights
+ * are: each weight is loaded once and used for all M rows, with one accumulator per row. */
+static void few_rows_column(int j, int m, int k, float alpha, const float *a, int lda, const float *b,
+                            int ldb, float beta, float *c, int ldc) {
+    const float *weights = b + (size_t)j * ldb;
+    lanes sums[FEW_ROWS] = {{0}};
+    int p = 0;
+    for (; p + 8 <= k; p += 8) {
+        lanes w = load(weights + p);
+        for (int i = 0; i < m; ++i) sums[i] += load(a + (size_t)i * lda + p) * w;
+    }
+    for (int i = 0; i < m; ++i) {
+        float sum = 0.0f;
+        for (int lane = 0; lane < 8; ++lane) sum += sums[i][lane];
+        for (int q = p; q < k; ++q) sum += a[(size_t)i * lda + q] * weights[q];
+        float *out = c + (size_t)i * ldc + j;
+        *out = alpha * sum + (beta == 0.0f ? 0.0f : beta * *out);
+    }
+}
+
+static void few_rows(int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
+                     float beta, float *c, int ldc) {
+    for (int j = 0; j < n; ++j) few_rows_column(j, m, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
@@ -63,6 +100,8 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         single_row(trans_a, trans_b, n, k, alpha, a, lda, b, ldb, beta, c);
     else if (plain && n == 1 && m > 1)
         single_column(trans_a, trans_b, m, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    else if (plain && m <= FEW_ROWS && trans_a == NO_TRANS && trans_b == TRANS)
+        few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     else
         next_sgemm()(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
