@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ AS_CONVERTED, FLOAT32 = "as converted", "float32"
 # An agent turn once the prefix cache holds the conversation so far: new prompt tokens, reply tokens.
 TURN_PROMPT_TOKENS, TURN_REPLY_TOKENS = 512, 256
 PROBE_CHUNK = 32  # prompt tokens per prefill step of the probe
-PROBE_PROMPT_TOKENS, PROBE_DECODE_STEPS = 128, 8
+PROBE_PROMPT_TOKENS, PROBE_DECODE_STEPS = 128, 16
 PROBE_SECONDS = 1.5  # each phase of a probe stops after this long, at a step's end
 # A float32 copy may take at most this share of the memory available now.
 FP32_MEMORY_SHARE = 0.5
@@ -133,12 +134,14 @@ def forward(model, tokens, cache) -> None:
 
 
 def rate(step, units_per_step: int, most_steps: int) -> float:
-    """Units per second of `step`, run until `most_steps` steps or PROBE_SECONDS (at least once)."""
-    started, steps = time.perf_counter(), 0
-    while steps < most_steps and (steps == 0 or time.perf_counter() - started < PROBE_SECONDS):
-        step(steps)
-        steps += 1
-    return steps * units_per_step / (time.perf_counter() - started)
+    """Units per second of `step`'s median run, over `most_steps` runs or PROBE_SECONDS (at least one):
+    the median, so that one run slowed by other work on the machine does not decide."""
+    started, durations = time.perf_counter(), []
+    while len(durations) < most_steps and (not durations or time.perf_counter() - started < PROBE_SECONDS):
+        begun = time.perf_counter()
+        step(len(durations))
+        durations.append(time.perf_counter() - begun)
+    return units_per_step / statistics.median(durations)
 
 
 def probe(model) -> tuple[float, float]:
