@@ -14,7 +14,8 @@ QT_PACKAGES := libegl1 libgl1 libxkbcommon0 libfontconfig1 libfreetype6 libdbus-
 QT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 # MLX's Linux CPU wheel links the reference BLAS; the server preloads OpenBLAS when it is installed.
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
-SYSTEM_PACKAGES := $(QT_PACKAGES) libopenblas0-pthread
+# gcc builds runtime/native/gemv_forward.c, which the server puts in front of OpenBLAS for decode steps.
+SYSTEM_PACKAGES := $(QT_PACKAGES) libopenblas0-pthread gcc libc6-dev
 # The real Cline CLI for the end-to-end test, pinned by tests/cline/package-lock.json.
 CLINE := tests/cline/node_modules/.bin/cline
 
@@ -44,11 +45,11 @@ $(CLINE): tests/cline/package.json tests/cline/package-lock.json
 app: $(READY)
 	$(PY) -m app --port $(PORT)
 
-# Installs Qt's system libraries and OpenBLAS only on Linux with apt-get, and only when one is missing.
+# Installs Qt's system libraries, OpenBLAS and a C compiler only on Linux with apt-get, and only when one is missing.
 system-deps:
 	@[ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 || exit 0; \
 	missing=$$(for lib in $(QT_LIBRARIES); do /sbin/ldconfig -p | grep -qF "$$lib (" || echo $$lib; done; \
-		[ -e $(QT_FONT) ] || echo font; [ -e $(OPENBLAS) ] || echo openblas); \
+		[ -e $(QT_FONT) ] || echo font; [ -e $(OPENBLAS) ] || echo openblas; command -v cc >/dev/null || echo cc); \
 	[ -z "$$missing" ] && exit 0; \
 	echo "installing system libraries; missing:" $$missing; \
 	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \

@@ -11,6 +11,7 @@ rows of a small batch, against each weight matrix) itself or with `sgemv`: OpenB
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -125,8 +126,10 @@ def symbol_provider(name: str) -> str | None:
     return info.dli_fname.decode()
 
 
+@functools.lru_cache(maxsize=1)
 def openblas_library():
-    """The OpenBLAS already mapped into this process (never loads another), or None."""
+    """The OpenBLAS already mapped into this process (never loads another), or None. Preloads do not
+    change after start, so it is looked up once: batches set threads at every step."""
     path = next((f for f in mapped_files() or [] if "/libopenblas" in f), None)
     return ctypes.CDLL(path) if path else None
 
@@ -138,7 +141,7 @@ def threads() -> int | None:
 
 def set_threads(count: int | None) -> None:
     library = openblas_library()
-    if library is not None and count and library.openblas_get_num_threads() != count:
+    if library is not None and count and threads() != count:
         library.openblas_set_num_threads(count)
 
 

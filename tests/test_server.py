@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import openai
 import pytest
@@ -107,3 +109,19 @@ def test_switch_to_unknown_model_is_404_and_keeps_the_loaded_one(server, model_i
 def test_switch_to_the_cached_model_loads_it(server, model_id):
     reply = httpx.post(f"{server}/api/models/switch", json={"model": model_id}, timeout=120)
     assert reply.status_code == 200 and reply.json()["model"] == model_id
+
+
+QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?", "Say hello to Ada."]
+
+
+def test_concurrent_clients_get_the_greedy_answers_they_get_alone(server, client, model_id):
+    def ask(question: str) -> str:
+        messages = [{"role": "user", "content": question}]
+        return client.chat.completions.create(model=model_id, messages=messages, temperature=0, max_tokens=12).choices[0].message.content
+
+    alone = [ask(q) for q in QUESTIONS]
+    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+        together = list(pool.map(ask, QUESTIONS))
+
+    assert together == alone and len(set(alone)) == len(QUESTIONS)
+    assert httpx.get(f"{server}/api/models/status").json()["most_decoding_sequences"] >= 2
