@@ -20,11 +20,37 @@ KEEPALIVE = ": keepalive\n\n"
 
 
 async def next_event(job: Job, timeout: float | None = None):
-    """The job's next event, or None if none came within `timeout` seconds."""
+    """The job's next event, or None if none came within `timeout` seconds.
+
+    The MLX thread wakes this event loop itself after each event, so that waiting costs no thread
+    hand-off per token (those compete with decoding for the CPU)."""
+    arrived = arrival(job)
+    while True:
+        try:
+            return job.events.get_nowait()
+        except queue.Empty:
+            arrived.clear()
+        if not job.events.empty():  # put between the get and the clear: its wake-up may already be spent
+            continue
+        try:
+            await asyncio.wait_for(arrived.wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+
+def arrival(job: Job) -> asyncio.Event:
+    """An asyncio.Event the job sets (through this loop) whenever it has a new event."""
+    if job.arrived is None:
+        loop, job.arrived = asyncio.get_running_loop(), asyncio.Event()
+        job.watch(lambda: wake(loop, job.arrived))
+    return job.arrived
+
+
+def wake(loop: asyncio.AbstractEventLoop, arrived: asyncio.Event) -> None:
     try:
-        return await asyncio.to_thread(job.events.get, True, timeout)
-    except queue.Empty:
-        return None
+        loop.call_soon_threadsafe(arrived.set)
+    except RuntimeError:  # the loop has closed (server shutting down): no one is left to wake
+        pass
 
 
 async def wait_started(job: Job, timeout: float | None = None) -> Started | None:

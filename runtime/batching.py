@@ -34,7 +34,7 @@ class Sequence:
 
     def emit(self, events: list) -> None:
         for event in events:
-            self.job.events.put(event)
+            self.job.put(event)
 
     def finish(self, reason: str, record) -> None:
         """Send the last events; `record(finished, seconds)` runs first, so a client that has its answer
@@ -43,7 +43,7 @@ class Sequence:
         self.emit(plan.parser.finish())
         self.finished = Finished(final_reason(reason, plan.parser), len(plan.prompt), len(plan.generated), plan.cached)
         record(self.finished, time.perf_counter() - self.started)
-        self.job.events.put(self.finished)
+        self.job.put(self.finished)
 
 
 class Batch:
@@ -75,7 +75,7 @@ class Batch:
             logits_processors=[plan.processors],
         )
         self.sequences[uid] = Sequence(job, plan, self.loaded.tokenizer.detokenizer)
-        job.events.put(Started(len(plan.prompt), plan.budget, plan.cached))
+        job.put(Started(len(plan.prompt), plan.budget, plan.cached))
 
     def step(self) -> list[Sequence]:
         """A prefill chunk and a decode step for the whole batch; returns the sequences that ended."""
@@ -89,7 +89,7 @@ class Batch:
         """End every sequence with `error` (the generator's state is then unusable)."""
         ended, self.sequences = list(self.sequences.values()), {}
         for sequence in ended:
-            sequence.job.events.put(Failed(error))
+            sequence.job.put(Failed(error))
         return ended
 
     def close(self) -> None:

@@ -70,9 +70,20 @@ class Job:
     keep_alive: float | None = None  # seconds the model stays loaded after this job; None: default
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    waker: object = None  # called after each event, from the MLX thread: see watch()
+    arrived: object = None  # the API layer's asyncio.Event that the waker sets
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def put(self, event) -> None:
+        self.events.put(event)
+        if self.waker is not None:
+            self.waker()
+
+    def watch(self, wake) -> None:
+        """Have `wake()` called after every event from now on (an event loop's way to wait without a thread)."""
+        self.waker = wake
 
 
 @dataclass
@@ -233,14 +244,14 @@ class Runtime:
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():  # its client left while it waited in the queue
-            job.events.put(Finished("cancelled", 0, 0))
+            job.put(Finished("cancelled", 0, 0))
             return
         try:
             loaded = self._ensure_loaded(job.entry)
             plan, cache = self._plan(loaded, job)
             self._batch_for(loaded).admit(job, plan, cache)
         except Exception as exc:
-            job.events.put(Failed(exc if isinstance(exc, ImpetusError) else self._generation_failure(exc)))
+            job.put(Failed(exc if isinstance(exc, ImpetusError) else self._generation_failure(exc)))
             self._release(job)
             return
         self.residency.use(job.entry.key)
