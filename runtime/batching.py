@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from runtime import blas
 from runtime.generation import Failed, Finished, Plan, Started, early_finish, final_reason, sampler_for
 from runtime.prompt_cache import PromptCache
+from runtime.tuning import DecodeThreads
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Batch:
             prefill_step_size=limits.prefill_chunk, stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
         )
         self.sequences: dict[int, Sequence] = {}
+        self.decode_threads = DecodeThreads(loaded.tuning)
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -80,9 +82,13 @@ class Batch:
     def step(self) -> list[Sequence]:
         """A prefill chunk and a decode step for the whole batch; returns the sequences that ended."""
         ended = self._drop_cancelled()
-        tuning = self.loaded.tuning
-        blas.set_threads(tuning.threads if self.decoding() == len(self) else tuning.prefill_threads)
+        decode_only = self.decoding() == len(self)
+        threads = self.decode_threads.next(len(self)) if decode_only else self.loaded.tuning.prefill_threads
+        blas.set_threads(threads)
+        started = time.perf_counter()
         _, responses = self.generator.next()
+        if decode_only:
+            self.decode_threads.record(threads, time.perf_counter() - started)
         return ended + [sequence for response in responses if (sequence := self._deliver(response))]
 
     def fail(self, error: Exception) -> list[Sequence]:

@@ -66,6 +66,7 @@ class Tuning:
     reason: str = "only candidate"  # measured | remembered | only candidate | set by settings
     measurements: list[dict] = field(default_factory=list)
     prefill_threads: int | None = None  # while a prompt is being prefilled
+    serving_step_ms: dict | None = None  # decode step by thread count, last measured on real traffic
 
     def __post_init__(self):
         self.prefill_threads = self.prefill_threads or self.threads
@@ -237,3 +238,48 @@ class Tuner:
             partial = self.path.with_suffix(".partial")
             partial.write_text(json.dumps(known, indent=1))
             partial.replace(self.path)
+
+
+class DecodeThreads:
+    """Re-measures the decode thread count on real traffic, where the server's own work shares the cores
+    with OpenBLAS's threads (a load-time probe runs alone): after FIRST_TRIAL decode-only steps, and every
+    TRIAL_EVERY after, each candidate decodes TRIAL_STEPS steps and the fastest median step is kept."""
+
+    FIRST_TRIAL, TRIAL_EVERY, TRIAL_STEPS = 16, 1024, 12
+
+    def __init__(self, tuning: Tuning):
+        self.tuning = tuning
+        self.candidates = sorted({m["threads"] for m in tuning.measurements
+                                  if m["layout"] == tuning.layout and m["threads"] is not None})
+        self.steps = 0
+        self.trial: dict[int, list[float]] = {}  # candidate -> step seconds, while a trial runs
+        self.trial_size = None  # the batch size the trial runs at; a change spoils the comparison
+
+    def next(self, batch_size: int) -> int | None:
+        """The thread count for the next decode-only step of a batch of `batch_size`."""
+        if len(self.candidates) < 2:
+            return self.tuning.threads
+        if not self.trial and self._trial_due():
+            self.trial, self.trial_size = {c: [] for c in self.candidates}, batch_size
+        if self.trial and batch_size != self.trial_size:
+            self.trial = {}
+        return next((c for c, times in self.trial.items() if len(times) < self.TRIAL_STEPS), self.tuning.threads)
+
+    def record(self, threads: int | None, seconds: float) -> None:
+        self.steps += 1
+        if self.trial and threads in self.trial:
+            self.trial[threads].append(seconds)
+            if all(len(times) >= self.TRIAL_STEPS for times in self.trial.values()):
+                self._conclude()
+
+    def _trial_due(self) -> bool:
+        return self.steps == self.FIRST_TRIAL or (self.steps > self.FIRST_TRIAL and self.steps % self.TRIAL_EVERY == 0)
+
+    def _conclude(self) -> None:
+        medians = {c: statistics.median(times) for c, times in self.trial.items()}
+        best = min(medians, key=medians.get)
+        if best != self.tuning.threads:
+            log.info("decode threads %s -> %d on real traffic (median step %s)", self.tuning.threads, best,
+                     {c: f"{m * 1000:.1f} ms" for c, m in medians.items()})
+        self.tuning.threads, self.tuning.serving_step_ms = best, {c: round(m * 1000, 2) for c, m in medians.items()}
+        self.trial = {}

@@ -12,7 +12,8 @@ import pytest
 from cache.store import ModelStore
 from converters.pipeline import ensure_converted
 from runtime.engine import load
-from runtime.tuning import (AS_CONVERTED, FLOAT32, TURN_PROMPT_TOKENS, TURN_REPLY_TOKENS, Tuner, is_float32,
+from runtime.tuning import (AS_CONVERTED, FLOAT32, TURN_PROMPT_TOKENS, TURN_REPLY_TOKENS, DecodeThreads, Tuner,
+                            Tuning, is_float32,
                             machine_fingerprint)
 from tests.tiny_models import ARCHS, IDS, Q, build_model, write_gguf
 
@@ -89,3 +90,31 @@ def test_both_layouts_compute_the_same_logits(quantised):
     reference = logits(as_converted)  # computed in the scales' float16: within its rounding of float32
     np.testing.assert_allclose(logits(widened), reference, atol=0.01 * np.abs(reference).max())
     assert (logits(widened).argmax(-1) == reference.argmax(-1)).mean() > 0.9
+
+
+def serve(chooser: DecodeThreads, steps: int, seconds_by_threads: dict, batch_size=lambda step: 1) -> list:
+    """Decode-only steps whose duration depends on the thread count: the counts the chooser used."""
+    used = []
+    for step in range(steps):
+        threads = chooser.next(batch_size(step))
+        chooser.record(threads, seconds_by_threads[threads])
+        used.append(threads)
+    return used
+
+
+def probed(threads: int) -> Tuning:
+    measurements = [{"layout": FLOAT32, "threads": t, "prefill_tps": 100.0, "decode_tps": 30.0} for t in (1, 2)]
+    return Tuning(FLOAT32, threads, "measured", measurements)
+
+
+def test_decode_threads_are_measured_again_on_real_traffic():
+    tuning = probed(2)  # the probe, run alone, preferred two threads; serving, one is faster
+    used = serve(DecodeThreads(tuning), 80, {1: 0.020, 2: 0.030})
+    assert tuning.threads == 1 and tuning.serving_step_ms == {1: 20.0, 2: 30.0}
+    assert used[:16] == [2] * 16 and used[-10:] == [1] * 10
+
+
+def test_a_trial_spoilt_by_a_new_batch_size_changes_nothing():
+    tuning = probed(2)
+    serve(DecodeThreads(tuning), 80, {1: 0.020, 2: 0.030}, batch_size=lambda step: 1 if step < 20 else 2)
+    assert tuning.threads == 2 and tuning.serving_step_ms is None
