@@ -172,8 +172,9 @@ def peak_rss(pid: int | str = "self") -> int | None:
 def mapped_blas(pid: int | str = "self") -> str:
     """Which BLAS serves MLX's sgemm in that process. numpy's own `libscipy_openblas64_` does not count:
     its symbols are renamed, so only a system OpenBLAS (preloaded) interposes on MLX's bundled libblas."""
-    names = {Path(line.split()[-1]).name for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-             if line.count(" ") >= 5 and "/" in line}
+    from runtime.blas import mapped_files
+
+    names = {Path(file).name for file in mapped_files(pid) or []}
     forwarding = " + sgemv forwarding" if any(name.startswith("libimpetus_gemv") for name in names) else ""
     for prefix, label in (("libopenblas", "OpenBLAS"), ("libmkl", "MKL"), ("libblis", "BLIS")):
         if any(name.startswith(prefix) for name in names):

@@ -37,10 +37,10 @@ def openblas_path() -> str | None:
     return next((p for p in OPENBLAS_CANDIDATES if Path(p).exists()), None)
 
 
-def mapped_files() -> list[str] | None:
-    """The files mapped into this process, from /proc/self/maps; None where there is no such file."""
+def mapped_files(pid: int | str = "self") -> list[str] | None:
+    """The files mapped into a process (this one by default), from /proc; None where there is no such file."""
     try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
     except OSError:
         return None
     return [line.split(maxsplit=5)[5] for line in lines if line.count(" ") >= 5 and "/" in line]

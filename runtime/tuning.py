@@ -51,7 +51,7 @@ class Measurement:
 
     @property
     def turn_seconds(self) -> float:
-        return TURN_PROMPT_TOKENS / self.prefill_tps + TURN_REPLY_TOKENS / self.decode_tps
+        return turn_seconds([self])
 
     def describe(self) -> dict:
         return {**asdict(self.candidate), "prefill_tps": round(self.prefill_tps, 1),
