@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, field
 
@@ -73,7 +74,13 @@ def token_budget(prompt_tokens: int, requested: int | None, context_length: int)
 def sampler_for(params: SamplingParams):
     if params.seed is not None and params.temperature > 0:
         return SeededSampler(params)
-    return make_sampler(temp=params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k)
+    return shared_sampler(params.temperature, params.top_p, params.min_p, params.top_k)
+
+
+@functools.lru_cache(maxsize=64)
+def shared_sampler(temperature: float, top_p: float, min_p: float, top_k: int):
+    """One sampler object for the same settings: a batch whose sequences share it samples them in one call."""
+    return make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
 
 
 class SeededSampler:

@@ -14,7 +14,7 @@ from cache.store import ModelStore
 from converters.pipeline import ensure_converted
 from runtime.batching import BatchLimits
 from runtime.engine import Job, Runtime
-from runtime.generation import Delta, Failed, Finished, SamplingParams
+from runtime.generation import Delta, Failed, Finished, SamplingParams, SeededSampler, sampler_for
 from runtime.prompts import TextPrompt
 from tests.tiny_models import ARCHS, Q, build_model, write_gguf
 
@@ -148,3 +148,12 @@ def drain(job: Job) -> list:
     for event in events:
         job.events.put(event)
     return events
+
+
+def test_requests_with_the_same_settings_share_a_sampler_so_the_batch_samples_them_in_one_call():
+    sampling = SamplingParams(temperature=0.7, top_p=0.9)
+    assert sampler_for(sampling) is sampler_for(SamplingParams(temperature=0.7, top_p=0.9, max_tokens=5))
+    assert sampler_for(sampling) is not sampler_for(SamplingParams(temperature=0.8, top_p=0.9))
+    # A seeded request draws from its own key, so it keeps a sampler of its own.
+    seeded = SamplingParams(temperature=0.7, seed=3)
+    assert isinstance(sampler_for(seeded), SeededSampler) and sampler_for(seeded) is not sampler_for(seeded)

@@ -25,7 +25,7 @@ from runtime.blas import symbol_provider
 rng = np.random.default_rng(0)
 errors = []
 for m, n, k in [(1, 300, 70), (70, 1, 300), (1, 1, 5), (3, 4, 5), (1, 4096, 576), (2, 1, 9), (4, 300, 70),
-                (8, 1000, 576), (9, 50, 20)]:
+                (8, 1000, 576), (6, 64, 100), (9, 50, 20)]:
     a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
     ma, mb, mat, mbt = mx.array(a), mx.array(b), mx.array(a.T.copy()).T, mx.array(b.T.copy()).T
     c = rng.standard_normal((m, n), dtype=np.float32)
@@ -43,18 +43,21 @@ print(json.dumps({"provider": symbol_provider("cblas_sgemm"), "max_error": max(e
 """
 
 
-def run_check(libraries: list[str]) -> dict:
-    env = {**os.environ, "LD_PRELOAD": " ".join(libraries), "PYTHONPATH": str(Path(__file__).parent.parent)}
+def run_check(libraries: list[str], threads: str = "1") -> dict:
+    env = {**os.environ, "LD_PRELOAD": " ".join(libraries), "PYTHONPATH": str(Path(__file__).parent.parent),
+           "OPENBLAS_NUM_THREADS": threads}
     done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
-def test_single_row_products_go_to_the_forwarding_library_and_stay_exact(tmp_path):
+# One thread: single rows take the library's own kernel; two: OpenBLAS's threaded sgemv.
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_single_row_products_go_to_the_forwarding_library_and_stay_exact(tmp_path, threads):
     libraries = preloads(tmp_path / "native")
     assert Path(libraries[0]).name.startswith(GEMV_LIBRARY_PREFIX) and libraries[1] == openblas_path()
 
-    result = run_check(libraries)
+    result = run_check(libraries, threads)
 
     assert Path(result["provider"]).name.startswith(GEMV_LIBRARY_PREFIX)
     assert result["max_error"] < 1e-5

@@ -3,9 +3,9 @@
  * MLX's CPU backend computes every float32 matrix product with cblas_sgemm, decode steps included,
  * where the activations are one row (one sequence) or a few (a small batch). OpenBLAS releases
  * before 0.3.27 pack the whole weight matrix for such a call, which costs several times the
- * product itself. Preloaded in front of OpenBLAS, this library forwards single-row and
- * single-column products to sgemv, and computes products of a few rows against a linear layer's
- * weights (B transposed) reading each weight row once, while it is in the L1 cache.
+ * product itself. Preloaded in front of OpenBLAS, this library computes products of one to eight
+ * rows against a linear layer's weights (B transposed) itself, streaming each weight from memory
+ * once for all rows, and forwards other single-row and single-column products to sgemv.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -60,7 +60,9 @@ static void single_column(int trans_a, int trans_b, int m, int k, float alpha, c
         blas_sgemv()(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, x_stride, beta, c, ldc);
 }
 
+/* Eight lanes: on the processors measured, 512-bit vectors made these kernels slower, not faster. */
 typedef float lanes __attribute__((vector_size(32)));
+enum { LANES = sizeof(lanes) / sizeof(float) };
 
 static lanes load(const float *p) {
     lanes v;
@@ -68,40 +70,86 @@ static lanes load(const float *p) {
     return v;
 }
 
-/* Row j of C (M x N) = alpha * A (M x K) * B^T + beta * C, B stored N x K as a linear layer's weights
- * are: each weight is loaded once and used for all M rows, with one accumulator per row. */
-static void few_rows_column(int j, int m, int k, float alpha, const float *a, int lda, const float *b,
-                            int ldb, float beta, float *c, int ldc) {
-    const float *weights = b + (size_t)j * ldb;
-    lanes sums[FEW_ROWS] = {{0}};
-    int p = 0;
-    for (; p + 8 <= k; p += 8) {
-        lanes w = load(weights + p);
-        for (int i = 0; i < m; ++i) sums[i] += load(a + (size_t)i * lda + p) * w;
-    }
-    for (int i = 0; i < m; ++i) {
-        float sum = 0.0f;
-        for (int lane = 0; lane < 8; ++lane) sum += sums[i][lane];
-        for (int q = p; q < k; ++q) sum += a[(size_t)i * lda + q] * weights[q];
-        float *out = c + (size_t)i * ldc + j;
-        *out = alpha * sum + (beta == 0.0f ? 0.0f : beta * *out);
-    }
+static float lane_sum(lanes v) {
+    float sum = 0.0f;
+    for (int lane = 0; lane < LANES; ++lane) sum += v[lane];
+    return sum;
 }
 
-static void few_rows(int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
-                     float beta, float *c, int ldc) {
-    for (int j = 0; j < n; ++j) few_rows_column(j, m, k, alpha, a, lda, b, ldb, beta, c, ldc);
+/* The last k % (U * LANES) products of a row; out of line, so that the kernels below keep their
+ * accumulators in registers. */
+__attribute__((noinline)) static float dot(const float *x, const float *y, int n) {
+    float sum = 0.0f;
+    for (int q = 0; q < n; ++q) sum += x[q] * y[q];
+    return sum;
+}
+
+static void store(float *out, float sum, float alpha, float beta) {
+    *out = alpha * sum + (beta == 0.0f ? 0.0f : beta * *out);
+}
+
+/* few_rows_R: C (R x N) = alpha * A (R x K) * B^T + beta * C, B stored N x K as a linear layer's weights
+ * are. Column by column, so that the weights stream through memory in order, once for all R rows;
+ * U accumulators per row along K keep enough independent multiply-adds in flight. A macro, so that
+ * R and U are constants and the accumulators live in registers. */
+#define FEW_ROWS_KERNEL(R, U)                                                                             \
+    static void few_rows_##R(int n, int k, float alpha, const float *a, int lda, const float *b, int ldb, \
+                             float beta, float *c, int ldc) {                                             \
+        int blocked = k - k % ((U) * LANES);                                                              \
+        for (int j = 0; j < n; ++j) {                                                                     \
+            const float *weights = b + (size_t)j * ldb;                                                   \
+            lanes sums[R][U];                                                                             \
+            _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i)                                           \
+                _Pragma("GCC unroll 4") for (int u = 0; u < U; ++u) sums[i][u] = (lanes){0};              \
+            for (int p = 0; p < blocked; p += (U) * LANES)                                                \
+                _Pragma("GCC unroll 4") for (int u = 0; u < U; ++u) {                                     \
+                    lanes w = load(weights + p + u * LANES);                                              \
+                    _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i)                                   \
+                        sums[i][u] += load(a + (size_t)i * lda + p + u * LANES) * w;                      \
+                }                                                                                         \
+            _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) {                                         \
+                lanes total = sums[i][0];                                                                 \
+                _Pragma("GCC unroll 4") for (int u = 1; u < U; ++u) total += sums[i][u];                  \
+                float sum = lane_sum(total);                                                              \
+                if (blocked < k) sum += dot(a + (size_t)i * lda + blocked, weights + blocked, k - blocked); \
+                store(c + (size_t)i * ldc + j, sum, alpha, beta);                                         \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+
+/* R x U accumulators, an activation and a weight vector fit in 16 vector registers up to 4 rows;
+ * more rows take fewer accumulators each. */
+FEW_ROWS_KERNEL(1, 4)
+FEW_ROWS_KERNEL(2, 4)
+FEW_ROWS_KERNEL(3, 4)
+FEW_ROWS_KERNEL(4, 3)
+FEW_ROWS_KERNEL(5, 2)
+FEW_ROWS_KERNEL(6, 2)
+FEW_ROWS_KERNEL(7, 2)
+FEW_ROWS_KERNEL(8, 1)
+
+typedef void (*few_rows_fn)(int, int, float, const float *, int, const float *, int, float, float *, int);
+static const few_rows_fn FEW_ROWS_BY_COUNT[FEW_ROWS + 1] = {
+    NULL, few_rows_1, few_rows_2, few_rows_3, few_rows_4, few_rows_5, few_rows_6, few_rows_7, few_rows_8,
+};
+
+static int blas_threads(void) {
+    static int (*get)(void);
+    if (!get) get = (int (*)(void))dlsym(RTLD_DEFAULT, "openblas_get_num_threads");
+    return get ? get() : 1;
 }
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                  int lda, const float *b, int ldb, float beta, float *c, int ldc) {
     int plain = order == ROW_MAJOR && k > 0 && blas_sgemv() != NULL;
-    if (plain && m == 1 && n > 1)
+    /* One row on several threads is OpenBLAS's threaded sgemv; on one, this library's kernel is faster. */
+    int linear = m <= FEW_ROWS && n > 1 && trans_a == NO_TRANS && trans_b == TRANS && (m > 1 || blas_threads() == 1);
+    if (plain && linear)
+        FEW_ROWS_BY_COUNT[m](n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    else if (plain && m == 1 && n > 1)
         single_row(trans_a, trans_b, n, k, alpha, a, lda, b, ldb, beta, c);
     else if (plain && n == 1 && m > 1)
         single_column(trans_a, trans_b, m, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    else if (plain && m <= FEW_ROWS && trans_a == NO_TRANS && trans_b == TRANS)
-        few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     else
         next_sgemm()(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
