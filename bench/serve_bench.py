@@ -175,7 +175,7 @@ def mapped_blas(pid: int | str = "self") -> str:
     from runtime.blas import mapped_files
 
     names = {Path(file).name for file in mapped_files(pid) or []}
-    forwarding = " + sgemv forwarding" if any(name.startswith("libimpetus_gemv") for name in names) else ""
+    forwarding = " + decode-step kernels" if any(name.startswith("libimpetus_gemv") for name in names) else ""
     for prefix, label in (("libopenblas", "OpenBLAS"), ("libmkl", "MKL"), ("libblis", "BLIS")):
         if any(name.startswith(prefix) for name in names):
             return label + forwarding

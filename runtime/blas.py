@@ -3,8 +3,8 @@
 MLX's Linux CPU wheel bundles the reference BLAS. The server re-executes itself once with Debian's
 OpenBLAS preloaded and, in front of it, a small library of ours (`native/gemv_forward.c`, built on
 first use with the system C compiler) that answers the products of decode steps (one row, or the few
-rows of a small batch, against each weight matrix) itself or with `sgemv`: OpenBLAS releases before
-0.3.27 pack the whole weight matrix for them.
+rows of a small batch, against each weight matrix) with its own kernel, or with `sgemv`: OpenBLAS
+releases before 0.3.27 pack the whole weight matrix for them.
 `report()` checks what really serves `cblas_sgemm` in this process, rather than trusting the plan.
 """
 
