@@ -39,6 +39,7 @@ x, w = np.ones(8, np.float32), np.full((8, 16), 0.5, np.float32)
 out = np.full(16, np.nan, np.float32)
 ptr = lambda v: v.ctypes.data_as(ctypes.c_void_p)
 sgemm(101, 111, 111, 1, 16, 8, f(1.0), ptr(x), 8, ptr(w), 16, f(0.0), ptr(out), 16)
+sgemm(101, 111, 112, 0, 16, 8, f(1.0), ptr(x), 8, ptr(w), 8, f(0.0), ptr(out), 16)  # no rows: nothing to do
 print(json.dumps({"provider": symbol_provider("cblas_sgemm"), "max_error": max(errors), "nan_output": out.tolist()}))
 """
 

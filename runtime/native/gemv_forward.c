@@ -143,7 +143,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
                  int lda, const float *b, int ldb, float beta, float *c, int ldc) {
     int plain = order == ROW_MAJOR && k > 0 && blas_sgemv() != NULL;
     /* One row on several threads is OpenBLAS's threaded sgemv; on one, this library's kernel is faster. */
-    int linear = m <= FEW_ROWS && n > 1 && trans_a == NO_TRANS && trans_b == TRANS && (m > 1 || blas_threads() == 1);
+    int linear = m >= 1 && m <= FEW_ROWS && n > 1 && trans_a == NO_TRANS && trans_b == TRANS && (m > 1 || blas_threads() == 1);
     if (plain && linear)
         FEW_ROWS_BY_COUNT[m](n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     else if (plain && m == 1 && n > 1)
