@@ -23,6 +23,7 @@ Prints a markdown table and the issue's ratios, writes `bench/results.md` and `b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -371,16 +372,22 @@ class Server:
         self.log_file.close()
 
 
-def stream_completion(url: str, model: str, prompt: str, max_tokens: int) -> Sample:
-    """One greedy streamed completion; times of the first and last text chunks, tokens from `usage`."""
+def http_client():
+    """A client that keeps its connection, as an editor's agent does; made before any timing starts,
+    since building one (httpx makes an SSL context even for plain HTTP) costs 15-30 ms of CPU."""
     import httpx
 
+    return httpx.Client(timeout=600)
+
+
+def stream_completion(client, url: str, model: str, prompt: str, max_tokens: int) -> Sample:
+    """One greedy streamed completion; times of the first and last text chunks, tokens from `usage`."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     first = last = None
     chunks, usage = 0, None
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+    with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -407,31 +414,35 @@ def concurrent_rate(url: str, model: str, prompts: list[str], max_tokens: int) -
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(prompts))
 
-    def client(prompt: str) -> None:
+    def client(prompt: str, connection) -> None:
         barrier.wait()
         try:
-            samples.append(stream_completion(url, model, prompt, max_tokens))
+            samples.append(stream_completion(connection, url, model, prompt, max_tokens))
         except (httpx.HTTPError, OSError, RuntimeError, ValueError) as exc:  # re-raised below, in the caller
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with contextlib.ExitStack() as stack:
+        connections = [stack.enter_context(http_client()) for _ in prompts]
+        threads = [threading.Thread(target=client, args=pair) for pair in zip(prompts, connections)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
     if errors:
         raise errors[0]
-    return sum(s.completion_tokens for s in samples) / (time.perf_counter() - started)
+    return sum(s.completion_tokens for s in samples) / elapsed
 
 
 def measure_server(engine: str, server: Server, model: str, work: Workload) -> Result:
     result = Result(engine, LABELS[engine])
-    stream_completion(server.url, model, work.warmup, 4)
-    for prompt in work.prompts:
-        record(result, stream_completion(server.url, model, prompt, work.decode_tokens))
-    cold = stream_completion(server.url, model, work.prefix_pair[0], 2)
-    warm = stream_completion(server.url, model, work.prefix_pair[1], 2)
+    with http_client() as client:
+        stream_completion(client, server.url, model, work.warmup, 4)
+        for prompt in work.prompts:
+            record(result, stream_completion(client, server.url, model, prompt, work.decode_tokens))
+        cold = stream_completion(client, server.url, model, work.prefix_pair[0], 2)
+        warm = stream_completion(client, server.url, model, work.prefix_pair[1], 2)
     result.prefix = {"cold_ttft": cold.ttft, "cached_ttft": warm.ttft, "cached_tokens": warm.cached_tokens}
     log.info("  %s: prefix ttft cold %.2fs, shared %.2fs", engine, cold.ttft, warm.ttft)
     for level in work.levels:
@@ -468,8 +479,11 @@ def impetus_note(server: Server) -> str:
 
     status = httpx.get(server.url + "/api/models/status", timeout=10).json()
     runtime, tuning = status.get("runtime", {}), status.get("tuning") or {}
-    return (f"layout {status.get('layout')} with {tuning.get('threads')} BLAS thread(s) ({tuning.get('reason')}), "
-            f"sgemm from {Path(runtime.get('sgemm_from', '?')).name}")
+    by_batch = ", ".join(f"{size}: {threads}" for size, threads in (tuning.get("batch_threads") or {}).items())
+    return (f"layout {status.get('layout')} with {tuning.get('threads')} BLAS thread(s) ({tuning.get('reason')}); "
+            f"decode threads measured on the traffic, by batch size: {by_batch or 'none yet'}; "
+            f"sgemm from {Path(runtime.get('sgemm_from', '?')).name}; "
+            f"CPU fast ops: {', '.join(runtime.get('cpu_fast_ops') or []) or 'none'}")
 
 
 def mlx_server_note(server: Server) -> str:
