@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cache.store import Entry, ModelStore
 from converters.errors import ImpetusError, ModelNotFoundError
+from runtime import cpu_ops
 from runtime.batching import Batch, BatchLimits, Sequence
 from runtime.errors import ModelLoadError, OutOfMemoryError
 from runtime.generation import Failed, Finished, Plan, SamplingParams, token_budget
@@ -386,6 +387,7 @@ def load_checkpoint(entry: Entry, path: Path, native_parser: str | None = None):
 
 def load(entry: Entry, path: Path, tool_parser: str | None = None, tuner: Tuner | None = None) -> LoadedModel:
     log.info("loading %s from %s", entry.id, path)
+    cpu_ops.install()
     native_parser = tool_parser if tool_parser not in (None, "hermes") else None
     model, tokenizer = load_checkpoint(entry, path, native_parser)
     model, tuning = (tuner or Tuner()).tune(entry, model, reload=lambda: load_checkpoint(entry, path, native_parser)[0])

@@ -36,8 +36,10 @@ def runtime_report() -> dict:
     import mlx.core as mx
 
     from runtime.blas import report
+    from runtime.cpu_ops import installed
 
-    return {"device": str(mx.default_device()), **report(), "available_memory_bytes": available_memory()}
+    return {"device": str(mx.default_device()), **report(), "cpu_fast_ops": installed(),
+            "available_memory_bytes": available_memory()}
 
 
 # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1; anything this large is no limit.

@@ -1,0 +1,232 @@
+"""Leaner CPU versions of three of MLX's fused ops: RoPE, RMS norm, and attention of one query.
+
+On a GPU, `mx.fast.rope`, `rms_norm` and `scaled_dot_product_attention` are one kernel each. On the
+CPU, MLX builds each call from a fallback graph of 10 to 25 small ops instead (RoPE recomputes its
+frequencies, sines and cosines every time), and for a small model each op costs more to schedule than
+to compute: these fallbacks make about half of the 4,067 ops of a SmolLM2-135M decode step. The
+versions here give the same results in a few ops a call: RoPE and RMS norm as one fused
+(`mx.compile`) elementwise kernel each (RoPE's partner features gathered by slicing), and attention
+of a single query (every decode step) as two products and a softmax, with the query heads of a
+key/value group stacked instead of the keys repeated.
+
+`install()` puts them into `mx.fast` when MLX computes on the CPU; whatever they do not cover (an
+explicit stream, attention sinks, several queries at once, grouped heads that do not divide) goes on
+to MLX's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import lru_cache, partial
+
+log = logging.getLogger(__name__)
+
+REPLACED = ("rope", "rms_norm", "scaled_dot_product_attention")
+originals: dict = {}  # name -> MLX's own function, while ours are installed
+
+
+def install() -> list[str]:
+    """Swap this module's versions into `mx.fast` if MLX computes on the CPU; the names swapped."""
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        return []
+    if not originals:
+        log.info("MLX computes on the CPU: rope, rms_norm and one-query attention use runtime/cpu_ops.py")
+    ours = {"rope": rope, "rms_norm": rms_norm, "scaled_dot_product_attention": scaled_dot_product_attention}
+    for name in REPLACED:
+        originals.setdefault(name, getattr(mx.fast, name))
+        setattr(mx.fast, name, ours[name])
+    return list(REPLACED)
+
+
+def uninstall() -> None:
+    import mlx.core as mx
+
+    for name, function in originals.items():
+        setattr(mx.fast, name, function)
+    originals.clear()
+
+
+def installed() -> list[str]:
+    return list(originals)
+
+
+def original(name: str):
+    """MLX's own version of `mx.fast.<name>`, installed or not."""
+    import mlx.core as mx
+
+    return originals.get(name) or getattr(mx.fast, name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# RMS norm
+
+
+@lru_cache(maxsize=None)
+def rms_kernel(eps: float, weighted: bool):
+    import mlx.core as mx
+
+    @partial(mx.compile, shapeless=True)
+    def normalise(x, *weight):
+        wide = x.astype(mx.float32)  # as MLX's: the mean of squares in float32 whatever the input
+        out = (wide * mx.rsqrt(mx.mean(mx.square(wide), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+        return out * weight[0] if weighted else out
+
+    return normalise
+
+
+def rms_norm(x, weight, eps: float, *, stream=None):
+    if stream is not None:
+        return original("rms_norm")(x, weight, eps, stream=stream)
+    kernel = rms_kernel(float(eps), weight is not None)
+    return kernel(x, weight) if weight is not None else kernel(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# RoPE
+
+
+@lru_cache(maxsize=64)
+def signs(head: int, dims: int, traditional: bool):
+    """Each feature's partner enters with this sign: (x1, x2) -> (-x2, x1); 0 past `dims`."""
+    import mlx.core as mx
+
+    pair = [-1.0, 1.0]
+    if traditional:
+        sign = pair * (dims // 2)
+    else:
+        sign = [pair[0]] * (dims // 2) + [pair[1]] * (dims // 2)
+    table = mx.array(sign + [0.0] * (head - dims))
+    mx.eval(table)
+    return table
+
+
+def partners(a, dims: int, traditional: bool):
+    """Each rotated feature's partner, unsigned: (x1, x2) -> (x2, x1); features past `dims` as they are."""
+    import mlx.core as mx
+
+    if traditional:  # consecutive pairs swap places
+        return a.reshape(*a.shape[:-1], -1, 2)[..., ::-1].reshape(a.shape)
+    half = dims // 2
+    return mx.concatenate([a[..., half:dims], a[..., :half], a[..., dims:]], axis=-1)
+
+
+@lru_cache(maxsize=64)
+def base_frequencies(head: int, dims: int, traditional: bool, base: float):
+    import mlx.core as mx
+
+    half = dims // 2
+    return spread(mx.exp(mx.arange(half, dtype=mx.float32) * (-math.log(base) / half)), head, traditional)
+
+
+custom_frequencies: dict[int, tuple] = {}  # id(freqs) -> (freqs, spread inverse): the model keeps freqs
+
+
+def given_frequencies(freqs, head: int, dims: int, traditional: bool):
+    import mlx.core as mx
+
+    key = (id(freqs), head, dims, traditional)
+    if key not in custom_frequencies:
+        if len(custom_frequencies) > 64:
+            custom_frequencies.clear()
+        custom_frequencies[key] = (freqs, spread(mx.reciprocal(freqs.astype(mx.float32)), head, traditional))
+    return custom_frequencies[key][1]
+
+
+def spread(inverse, head: int, traditional: bool):
+    """One angular frequency per feature: each pair's twice, 0 (no turn) for features past `dims`."""
+    import mlx.core as mx
+
+    pairs = mx.repeat(inverse, 2) if traditional else mx.concatenate([inverse, inverse])
+    full = mx.concatenate([pairs, mx.zeros((head - pairs.size,), mx.float32)])
+    mx.eval(full)
+    return full
+
+
+@lru_cache(maxsize=64)
+def steps(length: int):
+    import mlx.core as mx
+
+    ahead = mx.arange(length, dtype=mx.float32).reshape(length, 1)
+    mx.eval(ahead)
+    return ahead
+
+
+@lru_cache(maxsize=1)
+def turn_kernel():
+    import mlx.core as mx
+
+    @partial(mx.compile, shapeless=True)
+    def turn(x, partner, start, ahead, scale, frequencies, sign):
+        angle = ((start + ahead) * scale) * frequencies
+        return (x * mx.cos(angle) + partner * (mx.sin(angle) * sign)).astype(x.dtype)
+
+    return turn
+
+
+def rope(a, dims: int, *, traditional: bool, base, scale: float, offset, freqs=None, stream=None):
+    import mlx.core as mx
+
+    head = a.shape[-1]
+    if stream is not None or a.ndim < 3 or dims % 2 or head % 2 or dims > head:
+        return original("rope")(a, dims, traditional=traditional, base=base, scale=scale, offset=offset,
+                                freqs=freqs, stream=stream)
+    frequencies = (base_frequencies(head, dims, traditional, float(base)) if freqs is None
+                   else given_frequencies(freqs, head, dims, traditional))
+    return turn_kernel()(a, partners(a, dims, traditional), start_positions(offset, a.ndim), steps(a.shape[-2]),
+                         mx.array(scale, mx.float32), frequencies, signs(head, dims, traditional))
+
+
+def start_positions(offset, ndim: int):
+    """The first position, shaped to broadcast over (B, *, T, D): one per batch row for a vector."""
+    import mlx.core as mx
+
+    if isinstance(offset, int):
+        return mx.array(float(offset), mx.float32)
+    start = offset.astype(mx.float32)
+    return start.reshape(-1, *[1] * (ndim - 1)) if start.ndim == 1 else start
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention
+
+
+def scaled_dot_product_attention(q, k, v, *, scale: float, mask=None, sinks=None, force_fused: bool = False,
+                                 stream=None):
+    if not single_query(q, k, mask) or stream is not None or sinks is not None:
+        return original("scaled_dot_product_attention")(q, k, v, scale=scale, mask=mask, sinks=sinks,
+                                                        force_fused=force_fused, stream=stream)
+    batch, query_heads, _, depth = q.shape
+    groups = k.shape[1]
+    # One query: "causal" masks nothing (the query is the last position), and each key/value group's
+    # query heads stack into rows of one product, so the keys are used as they are, never repeated.
+    stacked = (q * scale).reshape(batch, groups, query_heads // groups, depth)
+    scores = masked(stacked @ k.swapaxes(-1, -2), mask, query_heads, groups)
+    weights = softmax(scores).astype(v.dtype)
+    return (weights @ v).reshape(batch, query_heads, 1, depth)
+
+
+def single_query(q, k, mask) -> bool:
+    """One query per sequence, whole groups of query heads, and a mask this module can reshape."""
+    plain_mask = mask is None or isinstance(mask, str) or mask.ndim in (1, 2, 4)
+    return q.ndim == 4 and k.ndim == 4 and q.shape[2] == 1 and q.shape[1] % k.shape[1] == 0 and plain_mask
+
+
+def masked(scores, mask, query_heads: int, groups: int):
+    import mlx.core as mx
+
+    if mask is None or isinstance(mask, str):
+        return scores
+    if mask.ndim == 4 and mask.shape[1] == query_heads and query_heads != groups:
+        mask = mask.reshape(mask.shape[0], groups, query_heads // groups, mask.shape[-1])
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+    return scores + mask
+
+
+def softmax(scores):
+    import mlx.core as mx
+
+    return mx.softmax(scores.astype(mx.float32), axis=-1, precise=True)
