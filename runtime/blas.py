@@ -3,8 +3,9 @@
 MLX's Linux CPU wheel bundles the reference BLAS. The server re-executes itself once with Debian's
 OpenBLAS preloaded and, in front of it, a small library of ours (`native/gemv_forward.c`, built on
 first use with the system C compiler) that answers the products of decode steps (one row, or the few
-rows of a small batch, against each weight matrix) with its own kernel, or with `sgemv`: OpenBLAS
-releases before 0.3.27 pack the whole weight matrix for them.
+rows of a small batch, against each weight matrix) with its own kernel (over helper threads of its own
+when OpenBLAS is set to several), or with `sgemv`: OpenBLAS releases before 0.3.27 pack the whole
+weight matrix for them.
 `report()` checks what really serves `cblas_sgemm` in this process, rather than trusting the plan.
 """
 
@@ -76,7 +77,7 @@ def compile_library(source: Path, target: Path) -> bool:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     # Built where it runs (the processor is in its name), so it may use all of this processor's vector units.
-    command = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-o", str(partial), str(source), "-ldl"]
+    command = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-o", str(partial), str(source), "-ldl"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         log.warning("could not build %s (decode steps stay slower): %s", source.name, done.stderr.strip())

@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,10 +67,18 @@ class Tuning:
     reason: str = "only candidate"  # measured | remembered | only candidate | set by settings
     measurements: list[dict] = field(default_factory=list)
     prefill_threads: int | None = None  # while a prompt is being prefilled
-    serving_step_ms: dict | None = None  # decode step by thread count, last measured on real traffic
+    # Measured on real traffic, by batch size: the decode threads, and the median step by thread count.
+    batch_threads: dict[int, int] = field(default_factory=dict)
+    serving_step_ms: dict[int, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         self.prefill_threads = self.prefill_threads or self.threads
+        # From tuning.json: JSON keeps keys as strings, and files of earlier versions held None.
+        self.batch_threads = {int(size): threads for size, threads in (self.batch_threads or {}).items()}
+        self.serving_step_ms = {int(size): steps for size, steps in (self.serving_step_ms or {}).items()}
+
+    def threads_for(self, batch_size: int) -> int | None:
+        return self.batch_threads.get(batch_size, self.threads)
 
     @classmethod
     def chosen(cls, measurements: list[Measurement]) -> "Tuning":
@@ -120,9 +129,12 @@ def machine_fingerprint() -> str:
     """What the measurements depend on besides the model: a change means measuring again."""
     import mlx.core as mx
 
+    from runtime.cpu_ops import installed
+
     report = blas.report()
     parts = [platform.machine(), cpu_description().get("model"), cpu_description().get("usable_cores"),
-             mx.__version__, str(mx.default_device()), report["sgemm_from"], report["single_row_gemv"]]
+             mx.__version__, str(mx.default_device()), report["sgemm_from"], report["single_row_gemv"],
+             ",".join(installed())]
     return "|".join(str(part) for part in parts)
 
 
@@ -242,44 +254,52 @@ class Tuner:
 
 class DecodeThreads:
     """Re-measures the decode thread count on real traffic, where the server's own work shares the cores
-    with OpenBLAS's threads (a load-time probe runs alone): after FIRST_TRIAL decode-only steps, and every
-    TRIAL_EVERY after, each candidate decodes TRIAL_STEPS steps and the fastest median step is kept."""
+    with the BLAS threads (a load-time probe runs alone), for each batch size apart: one sequence and a
+    few take different kernels (OpenBLAS's threaded sgemv; the few-row kernel over its helper threads),
+    so a second thread can win for one and lose for the other. After FIRST_TRIAL decode-only steps at a
+    batch size, and every TRIAL_EVERY after, the candidates take turns for TRIAL_STEPS steps each at that
+    size (other sizes in between do not spoil it), and the fastest median step is kept for that size."""
 
-    FIRST_TRIAL, TRIAL_EVERY, TRIAL_STEPS = 16, 1024, 12
+    FIRST_TRIAL, TRIAL_EVERY, TRIAL_STEPS = 4, 1024, 8
 
     def __init__(self, tuning: Tuning):
         self.tuning = tuning
         self.candidates = sorted({m["threads"] for m in tuning.measurements
                                   if m["layout"] == tuning.layout and m["threads"] is not None})
-        self.steps = 0
-        self.trial: dict[int, list[float]] = {}  # candidate -> step seconds, while a trial runs
-        self.trial_size = None  # the batch size the trial runs at; a change spoils the comparison
+        self.steps: Counter[int] = Counter()  # decode-only steps seen, by batch size
+        self.trials: dict[int, dict[int, list[float]]] = {}  # batch size -> candidate -> step seconds
+        self.size = 1  # the batch size of the step being timed
 
     def next(self, batch_size: int) -> int | None:
         """The thread count for the next decode-only step of a batch of `batch_size`."""
+        self.size = batch_size
         if len(self.candidates) < 2:
             return self.tuning.threads
-        if not self.trial and self._trial_due():
-            self.trial, self.trial_size = {c: [] for c in self.candidates}, batch_size
-        if self.trial and batch_size != self.trial_size:
-            self.trial = {}
-        return next((c for c, times in self.trial.items() if len(times) < self.TRIAL_STEPS), self.tuning.threads)
+        if batch_size not in self.trials and self._trial_due(batch_size):
+            self.trials[batch_size] = {c: [] for c in self.candidates}
+        if trial := self.trials.get(batch_size):
+            return min(trial, key=lambda candidate: len(trial[candidate]))  # in turns, so drift hits all alike
+        return self.tuning.threads_for(batch_size)
 
     def record(self, threads: int | None, seconds: float) -> None:
-        self.steps += 1
-        if self.trial and threads in self.trial:
-            self.trial[threads].append(seconds)
-            if all(len(times) >= self.TRIAL_STEPS for times in self.trial.values()):
-                self._conclude()
+        self.steps[self.size] += 1
+        trial = self.trials.get(self.size)
+        if trial is not None and threads in trial:
+            trial[threads].append(seconds)
+            if all(len(times) >= self.TRIAL_STEPS for times in trial.values()):
+                self._conclude(self.size, self.trials.pop(self.size))
 
-    def _trial_due(self) -> bool:
-        return self.steps == self.FIRST_TRIAL or (self.steps > self.FIRST_TRIAL and self.steps % self.TRIAL_EVERY == 0)
+    def _trial_due(self, batch_size: int) -> bool:
+        seen = self.steps[batch_size]
+        return seen == self.FIRST_TRIAL or (seen > self.FIRST_TRIAL and seen % self.TRIAL_EVERY == 0)
 
-    def _conclude(self) -> None:
-        medians = {c: statistics.median(times) for c, times in self.trial.items()}
-        best = min(medians, key=medians.get)
-        if best != self.tuning.threads:
-            log.info("decode threads %s -> %d on real traffic (median step %s)", self.tuning.threads, best,
-                     {c: f"{m * 1000:.1f} ms" for c, m in medians.items()})
-        self.tuning.threads, self.tuning.serving_step_ms = best, {c: round(m * 1000, 2) for c, m in medians.items()}
-        self.trial = {}
+    def _conclude(self, batch_size: int, trial: dict[int, list[float]]) -> None:
+        medians = {c: statistics.median(times) for c, times in trial.items()}
+        best, before = min(medians, key=medians.get), self.tuning.threads_for(batch_size)
+        if best != before:
+            log.info("decode threads for %d sequence(s) %s -> %d on real traffic (median step %s)", batch_size, before,
+                     best, {c: f"{m * 1000:.1f} ms" for c, m in medians.items()})
+        self.tuning.batch_threads[batch_size] = best
+        self.tuning.serving_step_ms[batch_size] = {c: round(m * 1000, 2) for c, m in medians.items()}
+        if batch_size == 1:
+            self.tuning.threads = best

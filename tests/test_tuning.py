@@ -110,11 +110,23 @@ def probed(threads: int) -> Tuning:
 def test_decode_threads_are_measured_again_on_real_traffic():
     tuning = probed(2)  # the probe, run alone, preferred two threads; serving, one is faster
     used = serve(DecodeThreads(tuning), 80, {1: 0.020, 2: 0.030})
-    assert tuning.threads == 1 and tuning.serving_step_ms == {1: 20.0, 2: 30.0}
-    assert used[:16] == [2] * 16 and used[-10:] == [1] * 10
+    assert tuning.threads == 1 and tuning.serving_step_ms == {1: {1: 20.0, 2: 30.0}}
+    assert used[:4] == [2] * 4 and sorted(used[4:20]) == [1] * 8 + [2] * 8 and used[20:] == [1] * 60
 
 
-def test_a_trial_spoilt_by_a_new_batch_size_changes_nothing():
+def test_each_batch_size_keeps_the_thread_count_that_decodes_it_fastest():
+    tuning = probed(1)
+    alone, batched = {1: 0.020, 2: 0.030}, {1: 0.040, 2: 0.030}  # a second thread helps only the batch
+    chooser = DecodeThreads(tuning)
+    used = [*serve(chooser, 30, alone), *serve(chooser, 30, batched, batch_size=lambda step: 4)]
+    assert tuning.batch_threads == {1: 1, 4: 2} and tuning.threads == 1
+    assert tuning.serving_step_ms[4] == {1: 40.0, 2: 30.0}
+    assert used[20:30] == [1] * 10 and used[50:] == [2] * 10
+
+
+def test_a_trial_at_one_batch_size_survives_steps_at_another():
     tuning = probed(2)
-    serve(DecodeThreads(tuning), 80, {1: 0.020, 2: 0.030}, batch_size=lambda step: 1 if step < 20 else 2)
-    assert tuning.threads == 2 and tuning.serving_step_ms is None
+    sizes = [1] * 8 + [3] * 6 + [1] * 20  # the batch-of-one trial starts, a batch of three interrupts it
+    chooser = DecodeThreads(tuning)
+    serve(chooser, len(sizes), {1: 0.020, 2: 0.030}, batch_size=lambda step: sizes[step])
+    assert tuning.batch_threads == {1: 1} and tuning.threads == 1

@@ -5,12 +5,16 @@
  * before 0.3.27 pack the whole weight matrix for such a call, which costs several times the
  * product itself. Preloaded in front of OpenBLAS, this library computes products of one to eight
  * rows against a linear layer's weights (B transposed) itself, streaming each weight from memory
- * once for all rows, and forwards other single-row and single-column products to sgemv.
+ * once for all rows (several rows over OpenBLAS's thread count, with helper threads of its own), and
+ * forwards other single-row and single-column products to sgemv.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <string.h>
+#include <time.h>
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 enum { FEW_ROWS = 8 }; /* a batch of decode steps; larger products are OpenBLAS's */
@@ -139,13 +143,143 @@ static int blas_threads(void) {
     return get ? get() : 1;
 }
 
+/* Several rows on several BLAS threads: the weights' columns are cut into chunks that the caller and
+ * helper threads claim one at a time, so a helper that the system has not scheduled yet costs
+ * nothing but its help. Helpers spin a little after a product (the next one of a decode step comes
+ * within microseconds), then sleep. Whether this beats one thread on a busy machine is the runtime's
+ * to measure: it is used only when OpenBLAS is set to more than one thread. */
+enum { MOST_HELPERS = 15, CHUNK_WEIGHTS = 32768, SPIN_NANOSECONDS = 100000 };
+
+typedef struct {
+    few_rows_fn kernel;
+    int n, k, lda, ldb, ldc, chunk, chunks;
+    float alpha, beta;
+    const float *a, *b;
+    float *c;
+} product;
+
+static product work;                        /* written before its generation is published */
+static _Atomic unsigned long long claims;   /* generation << 32 | the next unclaimed chunk */
+static atomic_int finished, sleeping;
+static int helpers;                         /* started in this process (none after a fork) */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER, sleep_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
+
+static unsigned generation_of(unsigned long long word) { return (unsigned)(word >> 32); }
+
+/* The next chunk of `generation`'s product, or -1 when none is left (or another product began). */
+static int claim(unsigned generation, int chunks) {
+    unsigned long long word = atomic_load(&claims);
+    while (generation_of(word) == generation && (int)(word & 0xffffffffu) < chunks)
+        if (atomic_compare_exchange_weak(&claims, &word, word + 1)) return (int)(word & 0xffffffffu);
+    return -1;
+}
+
+static void run_chunk(const product *task, int chunk) {
+    int first = chunk * task->chunk, count = task->n - first < task->chunk ? task->n - first : task->chunk;
+    task->kernel(count, task->k, task->alpha, task->a, task->lda, task->b + (size_t)first * task->ldb, task->ldb,
+                 task->beta, task->c + first, task->ldc);
+}
+
+static int run_chunks(const product *task, unsigned generation) {
+    int count = 0;
+    for (int chunk; (chunk = claim(generation, task->chunks)) >= 0; ++count) run_chunk(task, chunk);
+    return count;
+}
+
+static long long nanoseconds(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec * 1000000000LL + now.tv_nsec;
+}
+
+static void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static unsigned next_generation(unsigned seen) {
+    long long until = nanoseconds() + SPIN_NANOSECONDS;
+    for (int spin = 1;; ++spin) {
+        if (generation_of(atomic_load(&claims)) != seen) return generation_of(atomic_load(&claims));
+        relax();
+        if (spin % 64 == 0 && nanoseconds() > until) break;
+    }
+    pthread_mutex_lock(&sleep_lock);
+    atomic_fetch_add(&sleeping, 1);
+    while (generation_of(atomic_load(&claims)) == seen) pthread_cond_wait(&wake, &sleep_lock);
+    atomic_fetch_sub(&sleeping, 1);
+    pthread_mutex_unlock(&sleep_lock);
+    return generation_of(atomic_load(&claims));
+}
+
+static void *helper(void *unused) {
+    (void)unused;
+    for (unsigned seen = generation_of(atomic_load(&claims));;) {
+        seen = next_generation(seen);
+        product task = work; /* if a newer product replaced it meanwhile, claim() gives nothing */
+        atomic_fetch_add(&finished, run_chunks(&task, seen));
+    }
+    return NULL;
+}
+
+static void forget_helpers(void) { /* a forked child has only the thread that forked */
+    helpers = 0;
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_mutex_init(&sleep_lock, NULL);
+    pthread_cond_init(&wake, NULL);
+}
+
+static int start_helpers(int wanted) {
+    static int fork_handler;
+    if (!fork_handler) fork_handler = !pthread_atfork(NULL, NULL, forget_helpers);
+    for (pthread_t thread; helpers < wanted && helpers < MOST_HELPERS; ++helpers) {
+        if (pthread_create(&thread, NULL, helper, NULL)) break;
+        pthread_detach(thread);
+    }
+    return helpers;
+}
+
+static void publish(const product *task) {
+    work = *task;
+    atomic_store(&finished, 0);
+    atomic_store(&claims, (unsigned long long)(generation_of(atomic_load(&claims)) + 1) << 32);
+    if (atomic_load(&sleeping)) {
+        pthread_mutex_lock(&sleep_lock);
+        pthread_cond_broadcast(&wake);
+        pthread_mutex_unlock(&sleep_lock);
+    }
+}
+
+static void few_rows(int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb, float beta,
+                     float *c, int ldc) {
+    few_rows_fn kernel = FEW_ROWS_BY_COUNT[m];
+    int threads = m > 1 && (long)n * k >= 2 * CHUNK_WEIGHTS ? blas_threads() : 1;
+    if (threads < 2 || pthread_mutex_trylock(&pool_lock)) { /* one thread, or another caller has the pool */
+        kernel(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+    }
+    if (start_helpers(threads - 1) == 0) {
+        pthread_mutex_unlock(&pool_lock);
+        kernel(n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+    }
+    int chunk = CHUNK_WEIGHTS / k > 0 ? CHUNK_WEIGHTS / k : 1;
+    publish(&(product){kernel, n, k, lda, ldb, ldc, chunk, (n + chunk - 1) / chunk, alpha, beta, a, b, c});
+    const product *task = &work;
+    atomic_fetch_add(&finished, run_chunks(task, generation_of(atomic_load(&claims))));
+    while (atomic_load(&finished) < task->chunks) relax();
+    pthread_mutex_unlock(&pool_lock);
+}
+
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                  int lda, const float *b, int ldb, float beta, float *c, int ldc) {
     int plain = order == ROW_MAJOR && k > 0 && blas_sgemv() != NULL;
     /* One row on several threads is OpenBLAS's threaded sgemv; on one, this library's kernel is faster. */
     int linear = m >= 1 && m <= FEW_ROWS && n > 1 && trans_a == NO_TRANS && trans_b == TRANS && (m > 1 || blas_threads() == 1);
     if (plain && linear)
-        FEW_ROWS_BY_COUNT[m](n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     else if (plain && m == 1 && n > 1)
         single_row(trans_a, trans_b, n, k, alpha, a, lda, b, ldb, beta, c);
     else if (plain && n == 1 && m > 1)
