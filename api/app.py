@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 
+from api.announce import AnnounceGenerations
 from api.errors import install_error_handlers
 from api.routers import chat, completions, health, lmstudio, manage, models, system
 from runtime.catalog import Catalog
@@ -32,6 +33,7 @@ def create_app(runtime: Runtime, settings: Settings | None = None) -> FastAPI:
     app.state.catalog = Catalog(runtime.store, runtime.aliases, settings.model_config_dirs, list(settings.model_roots))
     app.state.conversions = Conversions(runtime.store)
     install_error_handlers(app)
+    app.add_middleware(AnnounceGenerations)
     app.include_router(health.router)
     for router in (models.router, chat.router, completions.router, manage.router, lmstudio.router, system.router):
         app.include_router(router, dependencies=[Depends(require_key)])

@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from api.announce import settle
 from api.errors import describe_domain_error
 from runtime.catalog import ModelRef
 from runtime.conversions import Conversions
@@ -163,12 +164,15 @@ async def respond(ref: ModelRef, conversions: Conversions, submit, responder: "R
     A model that must be converted first gets a stream at once, kept alive with progress comments."""
     from fastapi.responses import StreamingResponse
 
+    if ref.entry is None:  # converting first takes seconds at least: hold no other request back for it
+        settle()
     if ref.entry is None and stream:
         preparing = responder.stream_after(conversions.ensure, ref.source, submit)
         return StreamingResponse(preparing, media_type="text/event-stream")
     entry = ref.entry or await conversions.ensure(ref.source)
     responder.model_id = entry.id
     job = submit(entry)
+    settle()
     await wait_started(job, HEADER_WAIT_SECONDS if stream else None)
     if stream:
         return StreamingResponse(responder.stream(job), media_type="text/event-stream")

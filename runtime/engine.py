@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,35 @@ from runtime.tuning import FLOAT32, Tuner, Tuning, fits_as_float32
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 4096
+# The longest an idle runtime holds a request back for others the HTTP layer has announced, so that
+# requests sent together share one prefill instead of the first one's keeping the others waiting.
+GATHER_SECONDS = 0.05
+
+
+class Announcements:
+    """Generation requests that have reached the HTTP layer but not the runtime yet (their bodies are
+    still being read and validated)."""
+
+    def __init__(self):
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def announce(self):
+        """Count one more request on its way; returns the call that settles it (once; more calls do nothing)."""
+        with self._lock:
+            self._count += 1
+        settled = []
+
+        def settle() -> None:
+            with self._lock:
+                if not settled:
+                    settled.append(True)
+                    self._count -= 1
+
+        return settle
+
+    def count(self) -> int:
+        return self._count
 
 
 @dataclass
@@ -119,6 +149,8 @@ class Runtime:
         self.stats = RuntimeStats()
         self._batches: dict[str, Batch] = {}  # by model key
         self._jobs: queue.Queue = queue.Queue()
+        self.announcements = Announcements()
+        self.gather_seconds = GATHER_SECONDS
         self._worker = threading.Thread(target=self._work, name="mlx-runtime", daemon=True)
         self._worker.start()
 
@@ -199,6 +231,7 @@ class Runtime:
             "layout": self.loaded.layout if self.loaded else None,
             "tuning": asdict(self.loaded.tuning) if self.loaded else None,
             "batching": asdict(self.limits),
+            "announced_requests": self.announcements.count(),
             "resident": self.residency.describe(),
             "resident_budget_bytes": self.residency.budget_bytes,
             "memory_bytes": mx.get_active_memory(),
@@ -219,16 +252,30 @@ class Runtime:
             self._step()
 
     def _arrivals(self) -> list:
-        """Everything submitted so far; while nothing is generating, wait for the first (or IDLE)."""
+        """Everything submitted so far; while nothing is generating, wait for the first (or IDLE), then for
+        the requests announced with it."""
+        idle = not self.stats.active_sequences
         try:
-            items = [self._jobs.get_nowait() if self.stats.active_sequences else self._jobs.get(timeout=self.residency.next_expiry_in())]
+            items = [self._jobs.get(timeout=self.residency.next_expiry_in()) if idle else self._jobs.get_nowait()]
         except queue.Empty:
-            return [] if self.stats.active_sequences else [IDLE]
+            return [IDLE] if idle else []
+        if idle:
+            items += self._announced()
         while True:
             try:
                 items.append(self._jobs.get_nowait())
             except queue.Empty:
                 return items
+
+    def _announced(self) -> list:
+        """What arrives while announced requests are pending, for at most `gather_seconds`."""
+        items, deadline = [], time.monotonic() + self.gather_seconds
+        while self.announcements.count() and (left := deadline - time.monotonic()) > 0:
+            try:
+                items.append(self._jobs.get(timeout=min(left, 0.002)))
+            except queue.Empty:
+                pass
+        return items
 
     def _handle(self, item) -> None:
         if item is IDLE:

@@ -14,7 +14,7 @@ from cache.store import ModelStore
 from converters.pipeline import ensure_converted
 from runtime.batching import BatchLimits
 from runtime.engine import Job, Runtime
-from runtime.generation import Delta, Failed, Finished, SamplingParams, SeededSampler, sampler_for
+from runtime.generation import Delta, Failed, Finished, SamplingParams, SeededSampler, Started, sampler_for
 from runtime.prompts import TextPrompt
 from tests.tiny_models import ARCHS, Q, build_model, write_gguf
 
@@ -157,3 +157,32 @@ def test_requests_with_the_same_settings_share_a_sampler_so_the_batch_samples_th
     # A seeded request draws from its own key, so it keeps a sampler of its own.
     seeded = SamplingParams(temperature=0.7, seed=3)
     assert isinstance(sampler_for(seeded), SeededSampler) and sampler_for(seeded) is not sampler_for(seeded)
+
+
+def test_an_idle_runtime_holds_a_request_for_announced_ones_and_admits_them_together(tiny):
+    store, entry = tiny
+    with fresh_runtime(store) as runtime:
+        outcome(runtime.submit(entry, TextPrompt("warm up"), SamplingParams(max_tokens=1)))  # loaded and idle
+        runtime.gather_seconds = 30.0
+        settle = runtime.announcements.announce()  # a second request is still being read
+        first = runtime.submit(entry, TextPrompt(PROMPTS[0]), GREEDY)
+        time.sleep(0.5)
+        assert first.events.empty()  # held back for the announced one
+        second = runtime.submit(entry, TextPrompt(PROMPTS[1]), GREEDY)
+        settle()
+        together = outcomes([first, second])
+        assert runtime.stats.most_decoding_sequences == 2
+    assert all(o.finished.completion_tokens for o in together)
+
+
+def test_an_announcement_that_never_arrives_delays_a_request_by_the_gathering_limit_at_most(tiny):
+    store, entry = tiny
+    with fresh_runtime(store) as runtime:
+        outcome(runtime.submit(entry, TextPrompt("warm up"), SamplingParams(max_tokens=1)))
+        runtime.gather_seconds = 0.3
+        runtime.announcements.announce()  # never settled
+        started = time.monotonic()
+        job = runtime.submit(entry, TextPrompt(PROMPTS[0]), GREEDY)
+        assert isinstance(job.events.get(timeout=60), Started)
+        waited = time.monotonic() - started
+    assert 0.3 <= waited < 10

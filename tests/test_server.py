@@ -97,6 +97,7 @@ def test_status_reports_the_loaded_model_and_last_speed(server, model_id, client
     status = httpx.get(f"{server}/api/models/status").json()
     assert status["model"] == model_id and status["state"] == "idle"
     assert status["last_tokens_per_second"] > 0 and status["memory_bytes"] > 0
+    assert status["announced_requests"] == 0  # every request before, refused ones included, has settled
 
 
 def test_switch_to_unknown_model_is_404_and_keeps_the_loaded_one(server, model_id):
