@@ -10,8 +10,8 @@ of a single query (every decode step) as two products and a softmax, with the qu
 key/value group stacked instead of the keys repeated.
 
 `install()` puts them into `mx.fast` when MLX computes on the CPU; whatever they do not cover (an
-explicit stream, attention sinks, several queries at once, grouped heads that do not divide) goes on
-to MLX's own.
+explicit stream, attention sinks, several positions at once as in a prompt, grouped heads that do not
+divide) goes on to MLX's own.
 """
 
 from __future__ import annotations
@@ -170,7 +170,9 @@ def rope(a, dims: int, *, traditional: bool, base, scale: float, offset, freqs=N
     import mlx.core as mx
 
     head = a.shape[-1]
-    if stream is not None or a.ndim < 3 or dims % 2 or head % 2 or dims > head:
+    # Several positions (a prompt): MLX's own, which takes each angle's sine and cosine once for all
+    # heads, where the fused kernel would take them for every element.
+    if stream is not None or a.ndim < 3 or a.shape[-2] > 1 or dims % 2 or head % 2 or dims > head:
         return original("rope")(a, dims, traditional=traditional, base=base, scale=scale, offset=offset,
                                 freqs=freqs, stream=stream)
     frequencies = (base_frequencies(head, dims, traditional, float(base)) if freqs is None
