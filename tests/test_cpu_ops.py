@@ -23,19 +23,20 @@ def assert_close(ours, theirs, dtype):
 
 FREQS = mx.array([1.0, 3.0, 10.0, 40.0, 90.0, 300.0, 1000.0, 5000.0])
 
-ROPE_CASES = [  # shape, dims, traditional, base, scale, offset, freqs, dtype
-    ((2, 3, 5, 16), 16, False, 10000.0, 1.0, 0, None, mx.float32),
+ROPE_CASES = [  # shape, dims, traditional, base, scale, offset, freqs, dtype: one position, as in decoding
+    ((2, 3, 1, 16), 16, False, 10000.0, 1.0, 0, None, mx.float32),
     ((1, 4, 1, 16), 16, False, 10000.0, 1.0, 41, None, mx.float32),
-    ((2, 3, 5, 16), 16, True, 500000.0, 1.0, 7, None, mx.float32),
-    ((2, 3, 4, 32), 16, False, 10000.0, 0.25, 9, None, mx.float32),  # partial rotary
-    ((2, 2, 3, 24), 16, True, 10000.0, 1.0, 3, None, mx.float32),
+    ((2, 3, 1, 16), 16, True, 500000.0, 1.0, 7, None, mx.float32),
+    ((2, 3, 1, 32), 16, False, 10000.0, 0.25, 9, None, mx.float32),  # partial rotary
+    ((2, 2, 1, 24), 16, True, 10000.0, 1.0, 3, None, mx.float32),
     ((3, 2, 1, 16), 16, False, 10000.0, 1.0, mx.array([5, 0, 12]), None, mx.float32),  # one offset a row
-    ((3, 2, 4, 16), 16, True, 10000.0, 1.0, mx.array([2, 9, 0]), None, mx.float32),
-    ((2, 2, 3, 16), 16, False, 10000.0, 1.0, mx.array(6), None, mx.float32),
-    ((2, 5, 16), 16, False, 10000.0, 1.0, 4, None, mx.float32),  # (B, T, D)
-    ((2, 3, 5, 16), 16, False, None, 1.0, 11, FREQS, mx.float32),  # given frequencies, as Llama 3's
-    ((2, 3, 5, 16), 16, False, 10000.0, 1.0, 30, None, mx.float16),
-    ((2, 3, 5, 16), 16, True, 10000.0, 1.0, 30, None, mx.bfloat16),
+    ((3, 2, 1, 16), 16, True, 10000.0, 1.0, mx.array([2, 9, 0]), None, mx.float32),
+    ((2, 2, 1, 16), 16, False, 10000.0, 1.0, mx.array(6), None, mx.float32),
+    ((2, 1, 16), 16, False, 10000.0, 1.0, 4, None, mx.float32),  # (B, T, D)
+    ((2, 3, 1, 16), 16, False, None, 1.0, 11, FREQS, mx.float32),  # given frequencies, as Llama 3's
+    ((2, 3, 1, 16), 16, False, 10000.0, 1.0, 30, None, mx.float16),
+    ((2, 3, 1, 16), 16, True, 10000.0, 1.0, 30, None, mx.bfloat16),
+    ((2, 3, 5, 16), 16, True, 10000.0, 1.0, mx.array([2, 9]), None, mx.float32),  # a prompt: MLX's own
 ]
 
 
