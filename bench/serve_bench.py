@@ -446,6 +446,9 @@ def measure_server(engine: str, server: Server, model: str, work: Workload) -> R
     result.prefix = {"cold_ttft": cold.ttft, "cached_ttft": warm.ttft, "cached_tokens": warm.cached_tokens}
     log.info("  %s: prefix ttft cold %.2fs, shared %.2fs", engine, cold.ttft, warm.ttft)
     for level in work.levels:
+        # Once untimed first, on other prompts (nothing for the prompt cache to reuse): the figure is the
+        # steady state, without one-off work such as the runtime's thread trial at a new batch size.
+        concurrent_rate(server.url, model, [f"Warm-up {p}" for p in work.client_prompts[:level]], work.client_tokens)
         rate = concurrent_rate(server.url, model, work.client_prompts[:level], work.client_tokens)
         result.aggregate[str(level)] = rate
         log.info("  %s: %d clients: %.2f tok/s", engine, level, rate)
