@@ -13,6 +13,7 @@ def optimization(runtime: RuntimeDep) -> dict:
 
     from converters.pipeline import sizing_report
     from runtime.blas import report
+    from runtime.cpu_ops import installed
     from runtime.hardware import probe
 
     loaded = runtime.loaded
@@ -24,6 +25,7 @@ def optimization(runtime: RuntimeDep) -> dict:
             # How the layout and BLAS threads were chosen, with each candidate's measured speeds.
             "tuning": asdict(loaded.tuning) if loaded else None,
             "blas": report(),
+            "cpu_fast_ops": installed(),  # MLX's fast ops replaced on the CPU (runtime/cpu_ops.py)
             "batching": asdict(runtime.limits),
             "resident_budget_bytes": runtime.residency.budget_bytes,
             "prompt_cache_budget_bytes": runtime.prompt_cache.max_bytes,
