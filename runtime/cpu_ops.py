@@ -145,22 +145,13 @@ def spread(inverse, head: int, traditional: bool):
     return full
 
 
-@lru_cache(maxsize=64)
-def steps(length: int):
-    import mlx.core as mx
-
-    ahead = mx.arange(length, dtype=mx.float32).reshape(length, 1)
-    mx.eval(ahead)
-    return ahead
-
-
 @lru_cache(maxsize=1)
 def turn_kernel():
     import mlx.core as mx
 
     @partial(mx.compile, shapeless=True)
-    def turn(x, partner, start, ahead, scale, frequencies, sign):
-        angle = ((start + ahead) * scale) * frequencies
+    def turn(x, partner, position, scale, frequencies, sign):
+        angle = (position * scale) * frequencies
         return (x * mx.cos(angle) + partner * (mx.sin(angle) * sign)).astype(x.dtype)
 
     return turn
@@ -177,12 +168,12 @@ def rope(a, dims: int, *, traditional: bool, base, scale: float, offset, freqs=N
                                 freqs=freqs, stream=stream)
     frequencies = (base_frequencies(head, dims, traditional, float(base)) if freqs is None
                    else given_frequencies(freqs, head, dims, traditional))
-    return turn_kernel()(a, partners(a, dims, traditional), start_positions(offset, a.ndim), steps(a.shape[-2]),
-                         mx.array(scale, mx.float32), frequencies, signs(head, dims, traditional))
+    return turn_kernel()(a, partners(a, dims, traditional), positions(offset, a.ndim), mx.array(scale, mx.float32),
+                         frequencies, signs(head, dims, traditional))
 
 
-def start_positions(offset, ndim: int):
-    """The first position, shaped to broadcast over (B, *, T, D): one per batch row for a vector."""
+def positions(offset, ndim: int):
+    """The one position, shaped to broadcast over (B, *, 1, D): one per batch row for a vector."""
     import mlx.core as mx
 
     if isinstance(offset, int):
