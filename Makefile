@@ -14,8 +14,9 @@ QT_PACKAGES := libegl1 libgl1 libxkbcommon0 libfontconfig1 libfreetype6 libdbus-
 QT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 # MLX's Linux CPU wheel links the reference BLAS; the server preloads OpenBLAS when it is installed.
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
+TCMALLOC := /usr/lib/$(shell uname -m)-linux-gnu/libtcmalloc_minimal.so.4
 # gcc builds runtime/native/gemv_forward.c, which the server puts in front of OpenBLAS for decode steps.
-SYSTEM_PACKAGES := $(QT_PACKAGES) libopenblas0-pthread gcc libc6-dev
+SYSTEM_PACKAGES := $(QT_PACKAGES) libopenblas0-pthread libtcmalloc-minimal4 gcc libc6-dev
 # The real Cline CLI for the end-to-end test, pinned by tests/cline/package-lock.json.
 CLINE := tests/cline/node_modules/.bin/cline
 
@@ -45,11 +46,11 @@ $(CLINE): tests/cline/package.json tests/cline/package-lock.json
 app: $(READY)
 	$(PY) -m app --port $(PORT)
 
-# Installs Qt's system libraries, OpenBLAS and a C compiler only on Linux with apt-get, and only when one is missing.
+# Installs Qt's system libraries, OpenBLAS, tcmalloc and a C compiler only on Linux with apt-get, and only when one is missing.
 system-deps:
 	@[ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 || exit 0; \
 	missing=$$(for lib in $(QT_LIBRARIES); do /sbin/ldconfig -p | grep -qF "$$lib (" || echo $$lib; done; \
-		[ -e $(QT_FONT) ] || echo font; [ -e $(OPENBLAS) ] || echo openblas; command -v cc >/dev/null || echo cc); \
+		[ -e $(QT_FONT) ] || echo font; [ -e $(OPENBLAS) ] || echo openblas; [ -e $(TCMALLOC) ] || echo tcmalloc; command -v cc >/dev/null || echo cc); \
 	[ -z "$$missing" ] && exit 0; \
 	echo "installing system libraries; missing:" $$missing; \
 	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \

@@ -506,10 +506,10 @@ def base_env(home: Path, openblas_threads: int | None) -> dict:
 
 
 def openblas_env(env: dict) -> dict:
-    """The preloads our server gives itself (OpenBLAS, and the single-row forwarding library in front)."""
-    from runtime.blas import preloads
+    """The preloads our server gives itself (OpenBLAS, the single-row forwarding library in front, tcmalloc)."""
+    from runtime.blas import server_preloads
 
-    libraries = preloads(Path(env["IMPETUS_HOME"]) / "native")
+    libraries = server_preloads(Path(env["IMPETUS_HOME"]) / "native")
     return {**env, "LD_PRELOAD": " ".join(libraries)} if libraries else env
 
 

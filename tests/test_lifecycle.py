@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from runtime.blas import allocator_path
 from tests.conftest import running_server
 from tests.tiny_models import ARCHS, Q, build_model, write_gguf
 
@@ -147,6 +148,7 @@ def test_the_server_measures_its_layouts_and_threads_on_the_fast_blas(server):
     runtime = httpx.get(f"{server}/api/system/optimization").json()["runtime"]
     tuning, blas = runtime["tuning"], runtime["blas"]
     assert blas["single_row_gemv"] and Path(blas["sgemm_from"]).name.startswith("libimpetus_gemv")
+    assert blas["allocator"] == ("tcmalloc" if allocator_path() else "glibc")
     assert tuning["reason"] in ("measured", "remembered")
     measured = {(m["layout"], m["threads"]) for m in tuning["measurements"]}
     cores = len(os.sched_getaffinity(0))
