@@ -1,5 +1,6 @@
-"""Our CPU versions of mx.fast.rope, rms_norm and one-query attention against MLX's own, case by case,
-and a small llama decoding the same greedy tokens with them as without, alone and in a padded batch."""
+"""Our CPU versions of mx.fast.rope, rms_norm, one-query attention, logsumexp and mlx-lm's swiglu against
+MLX's own, case by case, and a small llama decoding the same greedy tokens with them as without, alone
+and in a padded batch."""
 
 from __future__ import annotations
 
@@ -90,6 +91,44 @@ def test_attention_matches_mlx(batch, heads, groups, queries, keys, kind, dtype)
     assert_close(ours, theirs, dtype)
 
 
+def test_exp_matches_mlx_across_the_float_range():
+    x = mx.concatenate([mx.linspace(-100.0, 88.0, 20001), mx.array([-mx.inf, mx.inf, 89.0, -87.0, 0.0])])
+    ours, theirs = cpu_ops.exp(x), mx.exp(x)
+    assert mx.all(mx.isinf(ours) == mx.isinf(theirs)).item()
+    finite = mx.isfinite(theirs) & (theirs > 1e-37)
+    relative = mx.abs(ours - theirs) / mx.where(finite, theirs, 1.0)
+    assert mx.where(finite, relative, 0.0).max().item() < 1e-6
+    assert mx.where(theirs <= 1e-37, mx.abs(ours - theirs), 0.0).max().item() < 2e-37  # flushed to zero at most
+
+
+def logits(shape, dtype=mx.float32):
+    x = random(shape, dtype) * 12.0
+    if shape[0] > 2:  # a row a sampler masked entirely, and one with a single token left
+        x[1] = -mx.inf
+        x[2, 1:] = -mx.inf
+    return x
+
+
+@pytest.mark.parametrize("shape, axis, keepdims, dtype", [
+    ((1, 97), -1, True, mx.float32), ((4, 49152), -1, True, mx.float32), ((3, 50), 1, False, mx.float32),
+    ((3, 50), 0, False, mx.float32), ((2, 3, 8), -1, False, mx.float32), ((3, 50), None, False, mx.float32),
+    ((3, 50), -1, True, mx.float16),  # the last four: MLX's own
+])
+def test_logsumexp_matches_mlx(shape, axis, keepdims, dtype):
+    x = logits(shape, dtype)
+    ours = cpu_ops.logsumexp(x, axis=axis, keepdims=keepdims)
+    theirs = cpu_ops.original("logsumexp")(x, axis=axis, keepdims=keepdims)
+    assert mx.all(mx.isinf(ours) == mx.isinf(theirs)).item()
+    assert_close(mx.where(mx.isinf(theirs), 0.0, ours), mx.where(mx.isinf(theirs), 0.0, theirs), dtype)
+
+
+@pytest.mark.parametrize("shape, dtype", [((1, 1, 64), mx.float32), ((4, 1, 1536), mx.float32),
+                                          ((2, 5, 64), mx.float32), ((4, 1, 64), mx.float16)])
+def test_swiglu_matches_mlx_lm(shape, dtype):
+    gate, x = random(shape, dtype) * 30.0, random(shape, dtype, seed=1)
+    assert_close(cpu_ops.swiglu(gate, x), cpu_ops.original("swiglu")(gate, x), dtype)
+
+
 @pytest.fixture
 def swapped():
     names = cpu_ops.install()
@@ -98,10 +137,14 @@ def swapped():
 
 
 def test_install_swaps_the_ops_on_the_cpu_and_uninstall_restores_mlx(swapped):
+    from mlx_lm.models import activations, llama
+
     assert swapped == list(cpu_ops.REPLACED)  # the suite runs MLX on the CPU
-    assert mx.fast.rope is cpu_ops.rope and mx.fast.rms_norm is cpu_ops.rms_norm
+    assert mx.fast.rope is cpu_ops.rope and mx.fast.rms_norm is cpu_ops.rms_norm and mx.logsumexp is cpu_ops.logsumexp
+    assert llama.swiglu is cpu_ops.swiglu and activations.swiglu is cpu_ops.swiglu
     cpu_ops.uninstall()
-    assert mx.fast.rope is not cpu_ops.rope and cpu_ops.installed() == []
+    assert mx.fast.rope is not cpu_ops.rope and mx.logsumexp is not cpu_ops.logsumexp and cpu_ops.installed() == []
+    assert llama.swiglu is not cpu_ops.swiglu and activations.swiglu is not cpu_ops.swiglu
     assert cpu_ops.install() == swapped
 
 
