@@ -184,13 +184,26 @@ def spread(inverse, head: int, traditional: bool):
 
 
 @lru_cache(maxsize=1)
+def angle_kernel():
+    import mlx.core as mx
+
+    # Apart from the turn, which would take them again for every head (sines and cosines cost
+    # several times a multiply-add on the CPU, and more so in a batch).
+    @partial(mx.compile, shapeless=True)
+    def cos_sin(position, scale, frequencies, sign):
+        angle = (position * scale) * frequencies
+        return mx.cos(angle), mx.sin(angle) * sign
+
+    return cos_sin
+
+
+@lru_cache(maxsize=1)
 def turn_kernel():
     import mlx.core as mx
 
     @partial(mx.compile, shapeless=True)
-    def turn(x, partner, position, scale, frequencies, sign):
-        angle = (position * scale) * frequencies
-        return (x * mx.cos(angle) + partner * (mx.sin(angle) * sign)).astype(x.dtype)
+    def turn(x, partner, cos, signed_sin):
+        return (x * cos + partner * signed_sin).astype(x.dtype)
 
     return turn
 
@@ -206,8 +219,9 @@ def rope(a, dims: int, *, traditional: bool, base, scale: float, offset, freqs=N
                                 freqs=freqs, stream=stream)
     frequencies = (base_frequencies(head, dims, traditional, float(base)) if freqs is None
                    else given_frequencies(freqs, head, dims, traditional))
-    return turn_kernel()(a, partners(a, dims, traditional), positions(offset, a.ndim), mx.array(scale, mx.float32),
-                         frequencies, signs(head, dims, traditional))
+    cos, signed_sin = angle_kernel()(positions(offset, a.ndim), mx.array(scale, mx.float32), frequencies,
+                                     signs(head, dims, traditional))
+    return turn_kernel()(a, partners(a, dims, traditional), cos, signed_sin)
 
 
 def positions(offset, ndim: int):
