@@ -70,6 +70,8 @@ ATTENTION_CASES = [  # batch, query heads, key/value heads, queries, keys, mask,
     (1, 2, 1, 1, 1, None, mx.float32),
     (2, 6, 3, 1, 9, "bool", mx.float16),
     (2, 4, 2, 3, 7, "causal", mx.float32),  # several queries: MLX's own
+    (2, 6, 2, 1, 1500, "bool", mx.float32),  # a long context: our softmax
+    (1, 4, 2, 1, 1030, "additive", mx.float16),
 ]
 
 
@@ -127,6 +129,14 @@ def test_logsumexp_matches_mlx(shape, axis, keepdims, dtype):
 def test_swiglu_matches_mlx_lm(shape, dtype):
     gate, x = random(shape, dtype) * 30.0, random(shape, dtype, seed=1)
     assert_close(cpu_ops.swiglu(gate, x), cpu_ops.original("swiglu")(gate, x), dtype)
+
+
+@pytest.mark.parametrize("keys", [100, cpu_ops.LONG_CONTEXT, 5000])
+def test_softmax_matches_mlx_short_and_long(keys):
+    scores = random((2, 3, 2, keys)) * 8.0
+    scores[0, 0, 0, : keys // 2] = -mx.inf  # masked keys
+    scores[1, 1, 1] = mx.finfo(mx.float32).min  # a row masked entirely, as a boolean mask leaves it
+    assert_close(cpu_ops.softmax(scores), mx.softmax(scores, axis=-1, precise=True), mx.float32)
 
 
 @pytest.fixture

@@ -134,18 +134,36 @@ FEW_ROWS_KERNEL(6, 2)
 FEW_ROWS_KERNEL(7, 2)
 FEW_ROWS_KERNEL(8, 1)
 
-/* C (M x N) = alpha * A (M x K) * B (K x N) + beta * C, B not transposed, for a few rows against a small B:
- * attention's weights times values (a group's query heads as rows, the cached values as B). OpenBLAS
- * packs both operands for each such call, which costs it several times the arithmetic. Row by row,
- * PLAIN_BLOCK columns at a time, each row's multiples of B's rows summed in registers. */
-enum { PLAIN_VECTORS = 4, PLAIN_BLOCK = PLAIN_VECTORS * LANES, PLAIN_MOST_WEIGHTS = 1 << 16 };
+/* C (M x N) = alpha * A (M x K) * B (K x N) + beta * C, B not transposed and narrow: attention's weights
+ * times values (a group's query heads as rows, the cached values as B, one row per position). OpenBLAS
+ * packs both operands for each such call, which costs it several times the arithmetic (at 6,000
+ * positions, 0.43 ms a call where this takes a tenth). Up to PLAIN_ROWS rows at a time, PLAIN_BLOCK
+ * columns at a time: each row of B is loaded once for all of them, and the sums stay in registers. */
+enum { PLAIN_ROWS = 4, PLAIN_VECTORS = 4, PLAIN_BLOCK = PLAIN_VECTORS * LANES, PLAIN_MOST_COLUMNS = 256 };
 
-static void plain_block(int k, const float *a, const float *b, int ldb, lanes sums[PLAIN_VECTORS]) {
-    for (int u = 0; u < PLAIN_VECTORS; ++u) sums[u] = (lanes){0};
+/* `rows` is a constant at each call below, so that the compiler keeps the sums in registers. */
+static inline __attribute__((always_inline)) void plain_block(int rows, int k, const float *a, int lda,
+                                                              const float *b, int ldb,
+                                                              lanes sums[PLAIN_ROWS][PLAIN_VECTORS]) {
+    for (int i = 0; i < rows; ++i)
+        for (int u = 0; u < PLAIN_VECTORS; ++u) sums[i][u] = (lanes){0};
     for (int p = 0; p < k; ++p) {
-        lanes scale = (lanes){0} + a[p];
-        _Pragma("GCC unroll 4") for (int u = 0; u < PLAIN_VECTORS; ++u)
-            sums[u] += scale * load(b + (size_t)p * ldb + u * LANES);
+        lanes w[PLAIN_VECTORS];
+        _Pragma("GCC unroll 4") for (int u = 0; u < PLAIN_VECTORS; ++u) w[u] = load(b + (size_t)p * ldb + u * LANES);
+        _Pragma("GCC unroll 4") for (int i = 0; i < rows; ++i) {
+            lanes scale = (lanes){0} + a[(size_t)i * lda + p];
+            _Pragma("GCC unroll 4") for (int u = 0; u < PLAIN_VECTORS; ++u) sums[i][u] += scale * w[u];
+        }
+    }
+}
+
+static void plain_rows(int rows, int k, const float *a, int lda, const float *b, int ldb,
+                       lanes sums[PLAIN_ROWS][PLAIN_VECTORS]) {
+    switch (rows) {
+    case 1: plain_block(1, k, a, lda, b, ldb, sums); break;
+    case 2: plain_block(2, k, a, lda, b, ldb, sums); break;
+    case 3: plain_block(3, k, a, lda, b, ldb, sums); break;
+    default: plain_block(PLAIN_ROWS, k, a, lda, b, ldb, sums);
     }
 }
 
@@ -158,15 +176,20 @@ static float plain_column(int k, const float *a, const float *b, int ldb) {
 static void few_rows_plain(int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,
                            float beta, float *c, int ldc) {
     int blocked = n - n % PLAIN_BLOCK;
-    for (int i = 0; i < m; ++i) {
-        const float *row = a + (size_t)i * lda;
-        float *out = c + (size_t)i * ldc;
+    for (int first = 0; first < m; first += PLAIN_ROWS) {
+        int rows = m - first < PLAIN_ROWS ? m - first : PLAIN_ROWS;
+        const float *row = a + (size_t)first * lda;
+        float *out = c + (size_t)first * ldc;
         for (int j = 0; j < blocked; j += PLAIN_BLOCK) {
-            lanes sums[PLAIN_VECTORS];
-            plain_block(k, row, b + j, ldb, sums);
-            for (int q = 0; q < PLAIN_BLOCK; ++q) store(out + j + q, sums[q / LANES][q % LANES], alpha, beta);
+            lanes sums[PLAIN_ROWS][PLAIN_VECTORS];
+            plain_rows(rows, k, row, lda, b + j, ldb, sums);
+            for (int i = 0; i < rows; ++i)
+                for (int q = 0; q < PLAIN_BLOCK; ++q)
+                    store(out + (size_t)i * ldc + j + q, sums[i][q / LANES][q % LANES], alpha, beta);
         }
-        for (int j = blocked; j < n; ++j) store(out + j, plain_column(k, row, b + j, ldb), alpha, beta);
+        for (int i = 0; i < rows; ++i)
+            for (int j = blocked; j < n; ++j)
+                store(out + (size_t)i * ldc + j, plain_column(k, row + (size_t)i * lda, b + j, ldb), alpha, beta);
     }
 }
 
@@ -322,10 +345,10 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     int plain = order == ROW_MAJOR && k > 0 && blas_sgemv() != NULL;
     /* One row on several threads is OpenBLAS's threaded sgemv; on one, this library's kernel is faster. */
     int linear = m >= 1 && m <= FEW_ROWS && n > 1 && trans_a == NO_TRANS && trans_b == TRANS && (m > 1 || blas_threads() == 1);
-    int small = m > 1 && m <= FEW_ROWS && n > 1 && trans_a == NO_TRANS && trans_b == NO_TRANS && (long)n * k <= PLAIN_MOST_WEIGHTS;
+    int narrow = m > 1 && m <= FEW_ROWS && n > 1 && n <= PLAIN_MOST_COLUMNS && trans_a == NO_TRANS && trans_b == NO_TRANS;
     if (plain && linear)
         few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    else if (plain && small)
+    else if (plain && narrow)
         few_rows_plain(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     else if (plain && m == 1 && n > 1)
         single_row(trans_a, trans_b, n, k, alpha, a, lda, b, ldb, beta, c);
