@@ -14,6 +14,7 @@ QT_PACKAGES := libegl1 libgl1 libxkbcommon0 libfontconfig1 libfreetype6 libdbus-
 QT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 # MLX's Linux CPU wheel links the reference BLAS; the server preloads OpenBLAS when it is installed.
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
+# tcmalloc: the server preloads it too (faster than glibc's malloc for MLX's many small allocations).
 TCMALLOC := /usr/lib/$(shell uname -m)-linux-gnu/libtcmalloc_minimal.so.4
 # gcc builds runtime/native/gemv_forward.c, which the server puts in front of OpenBLAS for decode steps.
 SYSTEM_PACKAGES := $(QT_PACKAGES) libopenblas0-pthread libtcmalloc-minimal4 gcc libc6-dev
