@@ -311,15 +311,18 @@ EXP2_POLYNOMIAL = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640
                    2.402264791363012e-1, 6.931472028550421e-1, 1.0)
 MOST_ROWS = 16  # batches of decode steps; each new shape is traced once, so larger ones stay MLX's
 # Attention over this many keys or more takes our softmax: four more ops a layer, which its faster
-# exponentials repay from about 500 keys (18 -> 5 ms a SmolLM2 step at 6,000).
+# exponentials repay from 512-1,024 keys (a SmolLM2 query's 9 heads: 173 -> 144 us at 1,024, 674 -> 411
+# us at 6,144, so 20 -> 12 ms over the 30 layers of a step).
 LONG_CONTEXT = 1024
 
 
 def exp(x):
     """e^x from multiply-adds and an exponent built in the float's bits; traced into fused kernels
     compiled per shape (a bit cast needs its shape known)."""
+    import mlx.core as mx
+
     power, bits = exp_parts(x)
-    return power * bits.view(x.dtype)
+    return power * bits.view(mx.float32)
 
 
 def exp_parts(x):
