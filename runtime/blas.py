@@ -59,7 +59,8 @@ def mapped_files(pid: int | str = "self") -> list[str] | None:
 def loaded_allocator() -> str:
     """Which malloc this process uses: a preloaded one, or the C library's."""
     files = mapped_files() or []
-    return next((name for name in ("tcmalloc", "jemalloc", "mimalloc") if any(f"/lib{name}" in f for f in files)), "glibc")
+    names = ("tcmalloc", "jemalloc", "mimalloc")
+    return next((name for name in names if any(f"/lib{name}" in file for file in files)), "glibc")
 
 
 def loaded_blas() -> str:
@@ -121,7 +122,7 @@ def server_preloads(native_dir: Path) -> list[str]:
 
 
 def relaunch_with_openblas(native_dir: Path) -> None:
-    """Re-exec this process with OpenBLAS (and the forwarding library) preloaded, once, on Linux."""
+    """Re-exec this process with OpenBLAS (and the forwarding library) and tcmalloc preloaded, once, on Linux."""
     if not sys.platform.startswith("linux") or os.environ.get(RELAUNCHED) or "openblas" in os.environ.get("LD_PRELOAD", ""):
         return
     libraries = server_preloads(native_dir)

@@ -155,7 +155,8 @@ def test_the_server_measures_its_layouts_and_threads_on_the_fast_blas(server):
     assert ("as converted", None) in measured and {("float32", 1), ("float32", cores)} <= measured
     assert (tuning["layout"], tuning["threads"]) in measured | {("as converted", None)}
     assert runtime["batching"] == {"max_sequences": 3, "prefill_chunk": 256}
-    assert runtime["cpu_fast_ops"] == ["rope", "rms_norm", "scaled_dot_product_attention", "logsumexp", "swiglu"]  # MLX runs on the CPU here
+    # MLX runs on the CPU here
+    assert runtime["cpu_fast_ops"] == ["rope", "rms_norm", "scaled_dot_product_attention", "logsumexp", "swiglu"]
 
 
 def test_model_configuration_file_names_a_model(server, home, tmp_path):
