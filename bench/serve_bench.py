@@ -7,7 +7,7 @@ temporary IMPETUS_HOME) and the same raw-text prompts for every engine, greedy, 
 `/v1/completions` for the HTTP servers so that no chat template differs. Engines (`--skip` names):
 
 - `raw-q4`    mlx-lm `stream_generate` in a child process, the checkpoint as converted (quantised)
-- `raw-fp32`  the same, dequantised to float32 as our server does on a CPU, OpenBLAS preloaded
+- `raw-fp32`  the same, dequantised to float32 as our server does on a CPU, with its preloads (OpenBLAS, tcmalloc)
 - `impetus`   `python -m api` (it preloads OpenBLAS and picks its layout itself)
 - `mlx-server` `python -m mlx_lm.server` on the converted folder, MLX's own BLAS
 - `mlx-server-openblas` the same with the same LD_PRELOAD as ours
