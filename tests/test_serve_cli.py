@@ -29,3 +29,11 @@ def test_a_bad_batching_flag_is_a_usage_error(tmp_path):
     result = run_cli("-m", "api", "--max-sequences", "0", home=tmp_path / "home")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--max-sequences: expected a whole number of at least 1, not '0'" in result.stderr
+
+
+def test_a_bad_layout_setting_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMPETUS_LAYOUT", "fast")
+    result = run_cli("-m", "api", home=tmp_path / "home")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: IMPETUS_LAYOUT must be one of auto, float32, as converted, not 'fast'"]
