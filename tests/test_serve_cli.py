@@ -33,7 +33,7 @@ def test_a_bad_batching_flag_is_a_usage_error(tmp_path):
 
 def test_a_bad_layout_setting_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("IMPETUS_LAYOUT", "fast")
-    result = run_cli("-m", "api", home=tmp_path / "home")
+    result = run_cli("-m", "api", home=tmp_path / "home", timeout=60)  # a server that starts would run on
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "error: IMPETUS_LAYOUT must be one of auto, float32, as converted, not 'fast'"]
