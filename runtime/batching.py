@@ -82,13 +82,14 @@ class Batch:
     def step(self) -> list[Sequence]:
         """A prefill chunk and a decode step for the whole batch; returns the sequences that ended."""
         ended = self._drop_cancelled()
-        decode_only = self.decoding() == len(self)
-        threads = self.decode_threads.next(len(self)) if decode_only else self.loaded.tuning.prefill_threads
+        size = len(self)
+        decode_only = self.decoding() == size
+        threads = self.decode_threads.next(size) if decode_only else self.loaded.tuning.prefill_threads
         blas.set_threads(threads)
         started = time.perf_counter()
         _, responses = self.generator.next()
         if decode_only:
-            self.decode_threads.record(threads, time.perf_counter() - started)
+            self.decode_threads.record(size, threads, time.perf_counter() - started)
         return ended + [sequence for response in responses if (sequence := self._deliver(response))]
 
     def fail(self, error: Exception) -> list[Sequence]:

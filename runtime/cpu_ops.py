@@ -279,9 +279,9 @@ def softmax(scores):
     wide = scores.astype(mx.float32)
     if wide.shape[-1] < LONG_CONTEXT:
         return mx.softmax(wide, axis=-1, precise=True)
-    top = mx.max(wide, axis=-1, keepdims=True)
-    power, bits = softmax_kernels()[0](wide, top)
-    return softmax_kernels()[1](power, bits.view(mx.float32))
+    exponentials, normalised = softmax_kernels()
+    power, bits = exponentials(wide, mx.max(wide, axis=-1, keepdims=True))
+    return normalised(power, bits.view(mx.float32))
 
 
 @lru_cache(maxsize=1)
@@ -376,7 +376,7 @@ def logsumexp(a, axis=None, keepdims: bool = False, *, stream=None):
     """As `mx.logsumexp`; ours along the last axis of a few float32 rows (a batch's logits)."""
     import mlx.core as mx
 
-    last = axis in (-1, 1) if isinstance(axis, int) else False
+    last = isinstance(axis, int) and axis in (-1, 1)
     if stream is not None or not last or a.ndim != 2 or a.shape[0] > MOST_ROWS or a.dtype != mx.float32:
         return original("logsumexp")(a, axis=axis, keepdims=keepdims, stream=stream)
     out = logsumexp_kernel()(a)

@@ -268,11 +268,9 @@ class DecodeThreads:
                                   if m["layout"] == tuning.layout and m["threads"] is not None})
         self.steps: Counter[int] = Counter()  # decode-only steps seen, by batch size
         self.trials: dict[int, dict[int, list[float]]] = {}  # batch size -> candidate -> step seconds
-        self.size = 1  # the batch size of the step being timed
 
     def next(self, batch_size: int) -> int | None:
         """The thread count for the next decode-only step of a batch of `batch_size`."""
-        self.size = batch_size
         if len(self.candidates) < 2:
             return self.tuning.threads
         if batch_size not in self.trials and self._trial_due(batch_size):
@@ -281,13 +279,13 @@ class DecodeThreads:
             return min(trial, key=lambda candidate: len(trial[candidate]))  # in turns, so drift hits all alike
         return self.tuning.threads_for(batch_size)
 
-    def record(self, threads: int | None, seconds: float) -> None:
-        self.steps[self.size] += 1
-        trial = self.trials.get(self.size)
+    def record(self, batch_size: int, threads: int | None, seconds: float) -> None:
+        self.steps[batch_size] += 1
+        trial = self.trials.get(batch_size)
         if trial is not None and threads in trial:
             trial[threads].append(seconds)
             if all(len(times) >= self.TRIAL_STEPS for times in trial.values()):
-                self._conclude(self.size, self.trials.pop(self.size))
+                self._conclude(batch_size, self.trials.pop(batch_size))
 
     def _trial_due(self, batch_size: int) -> bool:
         seen = self.steps[batch_size]

@@ -97,7 +97,7 @@ def serve(chooser: DecodeThreads, steps: int, seconds_by_threads: dict, batch_si
     used = []
     for step in range(steps):
         threads = chooser.next(batch_size(step))
-        chooser.record(threads, seconds_by_threads[threads])
+        chooser.record(batch_size(step), threads, seconds_by_threads[threads])
         used.append(threads)
     return used
 
