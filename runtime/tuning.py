@@ -255,10 +255,10 @@ class Tuner:
 class DecodeThreads:
     """Re-measures the decode thread count on real traffic, where the server's own work shares the cores
     with the BLAS threads (a load-time probe runs alone), for each batch size apart: one sequence and a
-    few take different kernels (OpenBLAS's threaded sgemv; the few-row kernel over its helper threads),
-    so a second thread can win for one and lose for the other. After FIRST_TRIAL decode-only steps at a
-    batch size, and every TRIAL_EVERY after, the candidates take turns for TRIAL_STEPS steps each at that
-    size (other sizes in between do not spoil it), and the fastest median step is kept for that size."""
+    few differ in how much arithmetic each weight loaded from memory carries, so a second thread can win
+    for one and lose for the other. After FIRST_TRIAL decode-only steps at a batch size, and every
+    TRIAL_EVERY after, the candidates take turns for TRIAL_STEPS steps each at that size (other sizes in
+    between do not spoil it), and the fastest median step is kept for that size."""
 
     FIRST_TRIAL, TRIAL_EVERY, TRIAL_STEPS = 4, 1024, 8
 

@@ -52,7 +52,7 @@ def run_check(libraries: list[str], threads: str = "1") -> dict:
     return json.loads(done.stdout)
 
 
-# One thread: single rows take the library's own kernel; two: OpenBLAS's threaded sgemv.
+# One thread and two (the library's helper threads): single rows and a few take its own kernel.
 @pytest.mark.parametrize("threads", ["1", "2"])
 def test_single_row_products_go_to_the_forwarding_library_and_stay_exact(tmp_path, threads):
     libraries = preloads(tmp_path / "native")
