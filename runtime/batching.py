@@ -61,6 +61,7 @@ class Batch:
             prefill_step_size=limits.prefill_chunk, stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
         )
         self.sequences: dict[int, Sequence] = {}
+        self.ended_caches: list[tuple[list[int], list]] = []  # (tokens, KV cache) of this step's ended sequences
         self.decode_threads = DecodeThreads(loaded.tuning)
 
     def __len__(self) -> int:
@@ -90,7 +91,9 @@ class Batch:
         _, responses = self.generator.next()
         if decode_only:
             self.decode_threads.record(size, threads, time.perf_counter() - started)
-        return ended + [sequence for response in responses if (sequence := self._deliver(response))]
+        ended += [sequence for response in responses if (sequence := self._deliver(response))]
+        self._keep_caches()
+        return ended
 
     def fail(self, error: Exception) -> list[Sequence]:
         """End every sequence with `error` (the generator's state is then unusable)."""
@@ -131,6 +134,13 @@ class Batch:
     def _end(self, uid: int, reason: str, cache: list, tokens: list[int]) -> Sequence:
         sequence = self.sequences.pop(uid)
         sequence.finish(reason, self.record)
-        # Filed under exactly the tokens it holds, so a follow-up turn reuses it.
-        self.prompt_cache.store(self.loaded.cache_key, list(tokens), cache)
+        self.ended_caches.append((list(tokens), cache))
         return sequence
+
+    def _keep_caches(self) -> None:
+        """File the caches of the sequences that ended, once every answer of the step has gone out: storing
+        one writes it to disk, which would otherwise hold back the last events of the others."""
+        for tokens, cache in self.ended_caches:
+            # Filed under exactly the tokens it holds, so a follow-up turn reuses it.
+            self.prompt_cache.store(self.loaded.cache_key, tokens, cache)
+        self.ended_caches.clear()
