@@ -1,6 +1,6 @@
-"""Our CPU versions of mx.fast.rope, rms_norm, one-query attention, logsumexp and mlx-lm's swiglu against
-MLX's own, case by case, and a small llama decoding the same greedy tokens with them as without, alone
-and in a padded batch."""
+"""Our CPU versions of mx.fast.rope, rms_norm, attention (one query, or a prompt's with NumPy's softmax),
+logsumexp and mlx-lm's swiglu against MLX's own, case by case, and a small llama decoding the same
+greedy tokens with them as without, alone and in a padded batch."""
 
 from __future__ import annotations
 
@@ -69,17 +69,28 @@ ATTENTION_CASES = [  # batch, query heads, key/value heads, queries, keys, mask,
     (2, 4, 2, 1, 6, "additive", mx.float32),
     (1, 2, 1, 1, 1, None, mx.float32),
     (2, 6, 3, 1, 9, "bool", mx.float16),
-    (2, 4, 2, 3, 7, "causal", mx.float32),  # several queries: MLX's own
+    (2, 4, 2, 3, 7, "causal", mx.float32),  # several queries, few scores: MLX's own
     (2, 6, 2, 1, 1500, "bool", mx.float32),  # a long context: our softmax
     (1, 4, 2, 1, 1030, "additive", mx.float16),
+    (2, 6, 2, 40, 300, "causal", mx.float32),  # a prompt's queries: NumPy's softmax
+    (2, 6, 2, 40, 300, "bool", mx.float32),
+    (2, 4, 2, 40, 256, "hidden row", mx.float32),  # a query that sees no key: even weights, as MLX's
+    (1, 4, 4, 64, 300, "additive", mx.float32),
+    (1, 6, 3, 48, 256, "additive 2-D", mx.float32),
+    (1, 4, 2, 40, 500, "causal", mx.float16),  # MLX's own
 ]
 
 
-def attention_mask(kind, batch, heads, keys, dtype):
+def attention_mask(kind, batch, heads, queries, keys, dtype):
     if kind == "bool":
         return bool_mask(batch, keys)
+    if kind == "hidden row":
+        mask = mx.broadcast_to(bool_mask(batch, keys), (batch, 1, queries, keys))
+        return mx.concatenate([mx.zeros((batch, 1, 1, keys), mx.bool_), mask[:, :, 1:]], axis=2)
     if kind == "additive":
-        return random((batch, heads, 1, keys), dtype, seed=5)
+        return random((batch, heads, queries, keys), dtype, seed=5)
+    if kind == "additive 2-D":
+        return random((queries, keys), dtype, seed=5)
     return kind
 
 
@@ -87,7 +98,7 @@ def attention_mask(kind, batch, heads, keys, dtype):
 def test_attention_matches_mlx(batch, heads, groups, queries, keys, kind, dtype):
     q, k, v = (random(shape, dtype, seed) for seed, shape in
                enumerate([(batch, heads, queries, 16), (batch, groups, keys, 16), (batch, groups, keys, 16)]))
-    mask = attention_mask(kind, batch, heads, keys, dtype)
+    mask = attention_mask(kind, batch, heads, queries, keys, dtype)
     ours = cpu_ops.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     theirs = cpu_ops.original("scaled_dot_product_attention")(q, k, v, scale=0.25, mask=mask)
     assert_close(ours, theirs, dtype)
@@ -186,11 +197,23 @@ def greedy_batch(model, prompts, steps=12):
 
 
 def test_a_small_llama_decodes_the_same_greedy_tokens_with_our_ops():
-    model, prompts = tiny_llama(), [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23]]
-    theirs = greedy_batch(model, prompts) + greedy_batch(model, prompts[:1])
+    long = [(7 * i) % 90 + 3 for i in range(150)]  # enough scores for the prompt attention
+    model, prompts = tiny_llama(), [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23], long]
+    theirs = greedy_batch(model, prompts) + greedy_batch(model, prompts[:1]) + greedy_batch(model, [long])
     cpu_ops.install()
     try:
-        ours = greedy_batch(model, prompts) + greedy_batch(model, prompts[:1])
+        ours = greedy_batch(model, prompts) + greedy_batch(model, prompts[:1]) + greedy_batch(model, [long])
     finally:
         cpu_ops.uninstall()
     assert ours == theirs and len(ours[0]) == 12
+
+
+def test_a_small_llama_gives_the_same_logits_at_every_position_of_a_prompt_with_our_ops():
+    model, prompt = tiny_llama(), mx.array([[(7 * i) % 90 + 3 for i in range(150)]])
+    theirs = model(prompt)
+    cpu_ops.install()
+    try:
+        ours = model(prompt)
+    finally:
+        cpu_ops.uninstall()
+    assert_close(ours, theirs, mx.float32)
