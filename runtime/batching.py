@@ -32,6 +32,7 @@ class Sequence:
     detokenizer: object
     started: float = field(default_factory=time.perf_counter)
     finished: Finished | None = None
+    kept: tuple[list[int], list] | None = None  # (tokens, KV cache) to file in the prompt cache once ended
 
     def emit(self, events: list) -> None:
         for event in events:
@@ -61,7 +62,6 @@ class Batch:
             prefill_step_size=limits.prefill_chunk, stop_tokens=[[t] for t in loaded.tokenizer.eos_token_ids],
         )
         self.sequences: dict[int, Sequence] = {}
-        self.ended_caches: list[tuple[list[int], list]] = []  # (tokens, KV cache) of this step's ended sequences
         self.decode_threads = DecodeThreads(loaded.tuning)
 
     def __len__(self) -> int:
@@ -92,7 +92,7 @@ class Batch:
         if decode_only:
             self.decode_threads.record(size, threads, time.perf_counter() - started)
         ended += [sequence for response in responses if (sequence := self._deliver(response))]
-        self._keep_caches()
+        self._keep_caches(ended)
         return ended
 
     def fail(self, error: Exception) -> list[Sequence]:
@@ -134,13 +134,13 @@ class Batch:
     def _end(self, uid: int, reason: str, cache: list, tokens: list[int]) -> Sequence:
         sequence = self.sequences.pop(uid)
         sequence.finish(reason, self.record)
-        self.ended_caches.append((list(tokens), cache))
+        sequence.kept = list(tokens), cache
         return sequence
 
-    def _keep_caches(self) -> None:
+    def _keep_caches(self, ended: list[Sequence]) -> None:
         """File the caches of the sequences that ended, once every answer of the step has gone out: storing
         one writes it to disk, which would otherwise hold back the last events of the others."""
-        for tokens, cache in self.ended_caches:
-            # Filed under exactly the tokens it holds, so a follow-up turn reuses it.
-            self.prompt_cache.store(self.loaded.cache_key, tokens, cache)
-        self.ended_caches.clear()
+        for sequence in ended:
+            if sequence.kept is not None:
+                # Filed under exactly the tokens it holds, so a follow-up turn reuses it.
+                self.prompt_cache.store(self.loaded.cache_key, *sequence.kept)

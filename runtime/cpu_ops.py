@@ -248,18 +248,24 @@ def positions(offset, ndim: int):
 def scaled_dot_product_attention(q, k, v, *, scale: float, mask=None, sinks=None, force_fused: bool = False,
                                  stream=None):
     if stream is None and prompt_attention.covers(q, k, v, mask, sinks):
-        return prompt_attention.attention(q, k, v, scale, mask)
+        repeats, length = q.shape[1] // k.shape[1], q.shape[2]
+        return grouped_attention(q, k, v, scale, lambda scores: prompt_attention.softmax(scores, mask, repeats, length))
     if not single_query(q, k, mask) or stream is not None or sinks is not None:
         return original("scaled_dot_product_attention")(q, k, v, scale=scale, mask=mask, sinks=sinks,
                                                         force_fused=force_fused, stream=stream)
-    batch, query_heads, _, depth = q.shape
+    # One query: "causal" masks nothing (the query is the last position).
+    heads, groups = q.shape[1], k.shape[1]
+    return grouped_attention(q, k, v, scale,
+                             lambda scores: softmax(masked(scores, mask, heads, groups)).astype(v.dtype))
+
+
+def grouped_attention(q, k, v, scale: float, weigh):
+    """Attention with each key/value group's query heads (and their queries) stacked into the rows of one
+    product, so that the keys are used as they are, never repeated; `weigh(scores)` gives the weights."""
+    batch, heads, length, depth = q.shape
     groups = k.shape[1]
-    # One query: "causal" masks nothing (the query is the last position), and each key/value group's
-    # query heads stack into rows of one product, so the keys are used as they are, never repeated.
-    stacked = (q * scale).reshape(batch, groups, query_heads // groups, depth)
-    scores = masked(stacked @ k.swapaxes(-1, -2), mask, query_heads, groups)
-    weights = softmax(scores).astype(v.dtype)
-    return (weights @ v).reshape(batch, query_heads, 1, depth)
+    rows = (q * scale).reshape(batch, groups, heads // groups * length, depth)
+    return (weigh(rows @ k.swapaxes(-1, -2)) @ v).reshape(batch, heads, length, depth)
 
 
 def single_query(q, k, mask) -> bool:

@@ -1,4 +1,4 @@
-"""Attention over a prompt's positions on the CPU, with NumPy's softmax.
+"""The softmax of attention over a prompt's positions on the CPU, in NumPy (`cpu_ops` does the products).
 
 Once a prompt is a few thousand tokens long, prefilling it is mostly attention's softmax: MLX's x86
 CPU wheel computes exponentials one element at a time (about 11 ns each), and a 512-token chunk at
@@ -29,17 +29,9 @@ def covers(q, k, v, mask, sinks) -> bool:
     return sinks is None and plain_mask and floats and many
 
 
-def attention(q, k, v, scale: float, mask):
-    """softmax(q kᵀ · scale, masked) v, each key/value group's query heads stacked as rows."""
-    batch, heads, length, depth = q.shape
-    groups = k.shape[1]
-    rows = (q * scale).reshape(batch, groups, heads // groups * length, depth)
-    weights = softmax(rows @ k.swapaxes(-1, -2), mask, heads // groups, length)
-    return (weights @ v).reshape(batch, heads, length, depth)
-
-
 def softmax(scores, mask, repeats: int, length: int):
-    """The softmax of (batch, groups, repeats * length, keys) scores over the keys, in NumPy."""
+    """The softmax of (batch, groups, repeats * length, keys) scores over the keys, each group's `repeats`
+    query heads stacked with their `length` queries, in NumPy."""
     import mlx.core as mx
     import numpy as np
 

@@ -6,9 +6,8 @@
  * product itself. Preloaded in front of OpenBLAS, this library computes products of one to 24 rows
  * (a batch of decode steps, a short prompt) against a linear layer's weights (B transposed) itself,
  * streaming each weight from memory once for all rows (over OpenBLAS's thread count, with helper
- * threads of its own), as well as the
- * few-row products of attention's weights and values, and forwards other single-row and
- * single-column products to sgemv.
+ * threads of its own), as well as the few-row products of attention's weights and values, and
+ * forwards other single-row and single-column products to sgemv.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
