@@ -26,7 +26,8 @@ rng = np.random.default_rng(0)
 errors = []
 for m, n, k in [(1, 300, 70), (70, 1, 300), (1, 1, 5), (3, 4, 5), (1, 4096, 576), (2, 1, 9), (4, 300, 70),
                 (8, 1000, 576), (6, 64, 100), (9, 50, 20), (3, 4099, 64), (3, 64, 37), (5, 70, 33), (6, 64, 3000),
-                (13, 300, 576), (24, 100, 700), (25, 40, 30)]:
+                (13, 300, 576), (24, 100, 700), (25, 40, 30), (9, 301, 300), (17, 70, 1100), (100, 64, 512),
+                (21, 130, 1536)]:
     a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
     ma, mb, mat, mbt = mx.array(a), mx.array(b), mx.array(a.T.copy()).T, mx.array(b.T.copy()).T
     c = rng.standard_normal((m, n), dtype=np.float32)

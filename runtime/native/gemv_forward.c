@@ -1,29 +1,34 @@
-/* Answers the cblas_sgemm calls of decode steps itself, and hands every other call to OpenBLAS.
+/* Answers the cblas_sgemm calls of linear layers itself, and hands every other call to OpenBLAS.
  *
  * MLX's CPU backend computes every float32 matrix product with cblas_sgemm, decode steps included,
  * where the activations are one row (one sequence) or a few (a small batch). OpenBLAS releases
  * before 0.3.27 pack the whole weight matrix for such a call, which costs several times the
- * product itself. Preloaded in front of OpenBLAS, this library computes products of one to 24 rows
- * (a batch of decode steps, a short prompt) against a linear layer's weights (B transposed) itself,
- * streaming each weight from memory once for all rows (over OpenBLAS's thread count, with helper
- * threads of its own), as well as the few-row products of attention's weights and values, and
- * forwards other single-row and single-column products to sgemv.
+ * product itself. Preloaded in front of OpenBLAS, this library computes the products of activations
+ * against a linear layer's weights (B transposed) itself: those of decode steps (up to 8 rows),
+ * streaming each weight from memory once for all rows, and those of prompts, in the widest vectors
+ * the processor has (over OpenBLAS's thread count, with helper threads of its own). It also computes
+ * the few-row products of attention's weights and values, and forwards other single-row and
+ * single-column products to sgemv.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <limits.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-/* A batch of decode steps is up to FEW_ROWS rows, and one kernel pass; short prompts, up to MOST_ROWS,
- * take passes of FEW_ROWS rows over each chunk of weights while it is in cache. Beyond that OpenBLAS's
- * packed kernels win (SmolLM2's products on two threads, tokens a second: OpenBLAS 161 at 12 rows, 351
- * at 24, 550-560 at 32; these passes 566 at 12, 510 at 24, 515 at 32). */
-enum { FEW_ROWS = 8, MOST_ROWS = 24 };
+/* A batch of decode steps is up to FEW_ROWS rows, and one kernel pass. More rows against a linear layer's
+ * weights (PROMPT_DEPTH or more long) are a prompt, in passes of BLOCK_ROWS rows over each chunk of weights
+ * while it is in cache; OpenBLAS 0.3.21's AVX2 kernels reached 125 GFLOPS on one Zen 5 core at 512 rows,
+ * these passes 150-173. Shallower products of up to MOST_ROWS rows (attention's, at a short prompt) take
+ * passes of FEW_ROWS rows; more go to OpenBLAS. */
+enum { FEW_ROWS = 8, MOST_ROWS = 24, PROMPT_DEPTH = 256 };
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
@@ -151,6 +156,100 @@ FEW_ROWS_KERNEL(6, 2)
 FEW_ROWS_KERNEL(7, 2)
 FEW_ROWS_KERNEL(8, 1)
 
+/* Prompts: C (R x N) as above, for R rows of a prompt (a pass of a longer one), two weight columns at a
+ * time in the widest vectors the processor has. Unlike a decode step's, a prompt's products are bound by
+ * arithmetic rather than memory, so the point is how many multiply-adds each load feeds: here 2 per
+ * activation loaded and R per weight (16 to 10 loads for 8 rows, against 8 to 9 in few_rows_8). */
+#if defined(__AVX512F__)
+typedef float wide __attribute__((vector_size(64)));
+#define BLOCK_ROWS 8 /* 16 accumulators, 8 activations and 2 weights: 26 of 32 registers */
+enum { PROMPT_MOST_ROWS = INT_MAX };
+#else
+typedef float wide __attribute__((vector_size(32)));
+#define BLOCK_ROWS 6 /* 12 accumulators, 2 weights and an activation: 15 of 16 registers */
+enum { PROMPT_MOST_ROWS = MOST_ROWS }; /* beyond, OpenBLAS's own AVX2 kernels (not measured on such a machine) */
+#endif
+/* A prompt's pass asks for the weights PROMPT_AHEAD rows ahead; a product deeper than WHOLE_DEPTH goes in
+ * slices of at most SLICE, short enough that a pass's rows stay in the L1 cache (8 rows of SmolLM2's MLP
+ * down projection, 1,536 long, filled it: 107 GFLOPS whole, 129 in slices of 512). */
+enum { WIDE = sizeof(wide) / sizeof(float), ALIGNMENT = 64, PROMPT_AHEAD = 4, WHOLE_DEPTH = 768, SLICE = 512 };
+
+static wide load_wide(const float *p) {
+    wide v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Halves added in turn, in registers: a pass's sums, one after another, would cost as much as its products. */
+typedef float eight __attribute__((vector_size(32)));
+typedef float four __attribute__((vector_size(16)));
+static float wide_sum(wide v) {
+#if BLOCK_ROWS > 6
+    eight half = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    eight half = v;
+#endif
+    four quarter = __builtin_shufflevector(half, half, 0, 1, 2, 3) + __builtin_shufflevector(half, half, 4, 5, 6, 7);
+    return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
+}
+
+#define BLOCK_KERNEL(R)                                                                                   \
+    static void block_##R(int n, int k, float alpha, const float *a, int lda, const float *b, int ldb,    \
+                          float beta, float *c, int ldc) {                                                \
+        int blocked = k - k % WIDE, j = 0;                                                                \
+        for (; j + 2 <= n; j += 2) {                                                                      \
+            const float *first = b + (size_t)j * ldb, *second = first + ldb;                              \
+            wide left[R], right[R];                                                                       \
+            _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) left[i] = right[i] = (wide){0};           \
+            for (int p = 0; p < blocked; p += WIDE) {                                                     \
+                __builtin_prefetch(first + PROMPT_AHEAD * (size_t)ldb + p, 0, 3);                         \
+                __builtin_prefetch(second + PROMPT_AHEAD * (size_t)ldb + p, 0, 3);                        \
+                wide w0 = load_wide(first + p), w1 = load_wide(second + p);                               \
+                _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) {                                     \
+                    wide x = load_wide(a + (size_t)i * lda + p);                                          \
+                    left[i] += x * w0;                                                                    \
+                    right[i] += x * w1;                                                                   \
+                }                                                                                         \
+            }                                                                                             \
+            _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) {                                         \
+                const float *row = a + (size_t)i * lda + blocked;                                         \
+                float sum0 = wide_sum(left[i]), sum1 = wide_sum(right[i]);                                \
+                if (blocked < k) {                                                                        \
+                    sum0 += dot(row, first + blocked, k - blocked);                                       \
+                    sum1 += dot(row, second + blocked, k - blocked);                                      \
+                }                                                                                         \
+                store(c + (size_t)i * ldc + j, sum0, alpha, beta);                                        \
+                store(c + (size_t)i * ldc + j + 1, sum1, alpha, beta);                                    \
+            }                                                                                             \
+        }                                                                                                 \
+        if (j < n) { /* an odd last column */                                                             \
+            const float *last = b + (size_t)j * ldb;                                                      \
+            wide sums[R];                                                                                 \
+            _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) sums[i] = (wide){0};                      \
+            for (int p = 0; p < blocked; p += WIDE) {                                                     \
+                wide w = load_wide(last + p);                                                             \
+                _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) sums[i] += load_wide(a + (size_t)i * lda + p) * w; \
+            }                                                                                             \
+            _Pragma("GCC unroll 8") for (int i = 0; i < R; ++i) {                                         \
+                float sum = wide_sum(sums[i]);                                                            \
+                if (blocked < k) sum += dot(a + (size_t)i * lda + blocked, last + blocked, k - blocked);  \
+                store(c + (size_t)i * ldc + j, sum, alpha, beta);                                         \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+
+BLOCK_KERNEL(1)
+BLOCK_KERNEL(2)
+BLOCK_KERNEL(3)
+BLOCK_KERNEL(4)
+BLOCK_KERNEL(5)
+BLOCK_KERNEL(6)
+#if BLOCK_ROWS > 6
+BLOCK_KERNEL(7)
+BLOCK_KERNEL(8)
+#endif
+
 /* C (M x N) = alpha * A (M x K) * B (K x N) + beta * C, B not transposed and narrow: attention's weights
  * times values (a group's query heads as rows, the cached values as B, one row per position). OpenBLAS
  * packs both operands for each such call, which costs it several times the arithmetic (at 6,000
@@ -214,6 +313,12 @@ typedef void (*few_rows_fn)(int, int, float, const float *, int, const float *, 
 static const few_rows_fn FEW_ROWS_BY_COUNT[FEW_ROWS + 1] = {
     NULL, few_rows_1, few_rows_2, few_rows_3, few_rows_4, few_rows_5, few_rows_6, few_rows_7, few_rows_8,
 };
+static const few_rows_fn BLOCK_BY_COUNT[BLOCK_ROWS + 1] = {
+    NULL, block_1, block_2, block_3, block_4, block_5, block_6,
+#if BLOCK_ROWS > 6
+    block_7, block_8,
+#endif
+};
 
 static int blas_threads(void) {
     static int (*get)(void);
@@ -254,15 +359,33 @@ static int claim(unsigned generation, int chunks) {
     return -1;
 }
 
-/* One chunk of the weights' columns against every row of A, FEW_ROWS rows a pass: the chunk is read from
- * memory once, then from cache. */
+static int is_prompt(int m, int k) { return m > FEW_ROWS && k >= PROMPT_DEPTH; }
+
+/* One chunk of the weights' columns against every row of A, a pass of rows at a time: the chunk is read
+ * from memory once, then from cache. */
 static void run_chunk(const product *task, int chunk) {
     int first = chunk * task->chunk, count = task->n - first < task->chunk ? task->n - first : task->chunk;
-    for (int row = 0; row < task->m; row += FEW_ROWS) {
-        int rows = task->m - row < FEW_ROWS ? task->m - row : FEW_ROWS;
-        FEW_ROWS_BY_COUNT[rows](count, task->k, task->alpha, task->a + (size_t)row * task->lda, task->lda,
-                                task->b + (size_t)first * task->ldb, task->ldb, task->beta,
-                                task->c + (size_t)row * task->ldc + first, task->ldc);
+    if (!is_prompt(task->m, task->k)) {
+        for (int row = 0; row < task->m; row += FEW_ROWS) {
+            int rows = task->m - row < FEW_ROWS ? task->m - row : FEW_ROWS;
+            FEW_ROWS_BY_COUNT[rows](count, task->k, task->alpha, task->a + (size_t)row * task->lda, task->lda,
+                                    task->b + (size_t)first * task->ldb, task->ldb, task->beta,
+                                    task->c + (size_t)row * task->ldc + first, task->ldc);
+        }
+        return;
+    }
+    /* Each slice of K adds to what the ones before it left in C. */
+    int slices = task->k <= WHOLE_DEPTH ? 1 : (task->k + SLICE - 1) / SLICE;
+    int slice = ((task->k + slices - 1) / slices + WIDE - 1) / WIDE * WIDE;
+    for (int start = 0; start < task->k; start += slice) {
+        int length = task->k - start < slice ? task->k - start : slice;
+        float beta = start == 0 ? task->beta : 1.0f;
+        for (int row = 0; row < task->m; row += BLOCK_ROWS) {
+            int rows = task->m - row < BLOCK_ROWS ? task->m - row : BLOCK_ROWS;
+            BLOCK_BY_COUNT[rows](count, length, task->alpha, task->a + (size_t)row * task->lda + start, task->lda,
+                                 task->b + (size_t)first * task->ldb + start, task->ldb, beta,
+                                 task->c + (size_t)row * task->ldc + first, task->ldc);
+        }
     }
 }
 
@@ -345,9 +468,30 @@ static void publish(const product *task) {
     }
 }
 
+/* A prompt's rows, copied to cache-line-aligned rows if they are not already: MLX's buffers are not
+ * aligned to 64 bytes, and every wide load of an activation then straddles two cache lines (a pass of 8
+ * rows ran at 87 GFLOPS instead of 141 on one thread). The copy is the calling thread's, reused. */
+static const float *aligned_rows(int m, int k, const float *a, int *lda) {
+    static __thread float *copy;
+    static __thread size_t floats;
+    if ((uintptr_t)a % ALIGNMENT == 0 && *lda % (ALIGNMENT / sizeof(float)) == 0) return a;
+    int stride = (k + WIDE - 1) / WIDE * WIDE;
+    size_t wanted = (size_t)m * stride;
+    if (wanted > floats) {
+        free(copy);
+        copy = aligned_alloc(ALIGNMENT, wanted * sizeof(float));
+        floats = copy ? wanted : 0;
+        if (!copy) return a;
+    }
+    for (int i = 0; i < m; ++i) memcpy(copy + (size_t)i * stride, a + (size_t)i * *lda, (size_t)k * sizeof(float));
+    *lda = stride;
+    return copy;
+}
+
 static void few_rows(int m, int n, int k, float alpha, const float *a, int lda, const float *b, int ldb, float beta,
                      float *c, int ldc) {
-    int chunk = CHUNK_WEIGHTS / k > 0 ? CHUNK_WEIGHTS / k : 1;
+    if (is_prompt(m, k)) a = aligned_rows(m, k, a, &lda);
+    int chunk = CHUNK_WEIGHTS / k / 2 * 2 > 0 ? CHUNK_WEIGHTS / k / 2 * 2 : 2; /* even: prompts take columns in pairs */
     product whole = {m, n, k, lda, ldb, ldc, chunk, (n + chunk - 1) / chunk, alpha, beta, a, b, c};
     int threads = (long)n * k >= 2 * CHUNK_WEIGHTS ? blas_threads() : 1;
     if (threads < 2 || pthread_mutex_trylock(&pool_lock)) { /* one thread, or another caller has the pool */
@@ -371,7 +515,8 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     int plain = order == ROW_MAJOR && k > 0 && blas_sgemv() != NULL;
     /* One row too: with the prefetch, faster than OpenBLAS's threaded sgemv (SmolLM2's products of a
      * decode step on two threads: 8.1-9.9 ms with sgemv, 7.0-7.8 with this kernel). */
-    int linear = m >= 1 && m <= MOST_ROWS && n > 1 && trans_a == NO_TRANS && trans_b == TRANS;
+    int rows = m >= 1 && (m <= MOST_ROWS || (k >= PROMPT_DEPTH && m <= PROMPT_MOST_ROWS));
+    int linear = rows && n > 1 && trans_a == NO_TRANS && trans_b == TRANS;
     int narrow = m > 1 && m <= FEW_ROWS && n > 1 && n <= PLAIN_MOST_COLUMNS && trans_a == NO_TRANS && trans_b == NO_TRANS;
     if (plain && linear)
         few_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
