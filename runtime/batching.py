@@ -32,7 +32,6 @@ class Sequence:
     detokenizer: object
     started: float = field(default_factory=time.perf_counter)
     finished: Finished | None = None
-    kept: tuple[list[int], list] | None = None  # (tokens, KV cache) to file in the prompt cache once ended
 
     def emit(self, events: list) -> None:
         for event in events:
@@ -92,7 +91,6 @@ class Batch:
         if decode_only:
             self.decode_threads.record(size, threads, time.perf_counter() - started)
         ended += [sequence for response in responses if (sequence := self._deliver(response))]
-        self._keep_caches(ended)
         return ended
 
     def fail(self, error: Exception) -> list[Sequence]:
@@ -134,13 +132,6 @@ class Batch:
     def _end(self, uid: int, reason: str, cache: list, tokens: list[int]) -> Sequence:
         sequence = self.sequences.pop(uid)
         sequence.finish(reason, self.record)
-        sequence.kept = list(tokens), cache
+        # Filed under exactly the tokens it holds, so a follow-up turn reuses it.
+        self.prompt_cache.store(self.loaded.cache_key, list(tokens), cache)
         return sequence
-
-    def _keep_caches(self, ended: list[Sequence]) -> None:
-        """File the caches of the sequences that ended, once every answer of the step has gone out: storing
-        one writes it to disk, which would otherwise hold back the last events of the others."""
-        for sequence in ended:
-            if sequence.kept is not None:
-                # Filed under exactly the tokens it holds, so a follow-up turn reuses it.
-                self.prompt_cache.store(self.loaded.cache_key, *sequence.kept)

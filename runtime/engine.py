@@ -255,6 +255,8 @@ class Runtime:
         """Everything submitted so far; while nothing is generating, wait for the first (or IDLE), then for
         the requests announced with it."""
         idle = not self.stats.active_sequences
+        if idle:  # written now rather than in a step, where writing one held back the others' tokens
+            self.prompt_cache.flush()
         try:
             items = [self._jobs.get(timeout=self.residency.next_expiry_in()) if idle else self._jobs.get_nowait()]
         except queue.Empty:
@@ -347,6 +349,7 @@ class Runtime:
             self._ended(batch.fail(ModelLoadError("the server is shutting down")))
             batch.close()
         self._batches.clear()
+        self.prompt_cache.flush()
 
     def _generation_failure(self, exc: Exception) -> Exception:
         if not is_out_of_memory(exc):

@@ -1,5 +1,6 @@
 """Prefix KV cache across requests: reuse the longest cached token prefix (system prompt, tools,
 history), within a byte budget, and keep the newest entries on disk so a restarted server has them.
+Entries reach the disk when the runtime is idle (`flush`), not while other requests are being answered.
 
 Built on mlx-lm's LRUPromptCache (a token trie with LRU eviction) and its cache save/load.
 """
@@ -29,6 +30,7 @@ class PromptCache:
         self.max_bytes = max_bytes
         self.persisted = persisted
         self._lru = LRUPromptCache(max_size=max_entries, max_bytes=max_bytes)
+        self._unsaved: dict[str, list[tuple[list[int], list]]] = {}  # model key -> (tokens, cache), oldest first
 
     def fetch(self, model_key: str, model, prompt: list[int]) -> tuple[list, int]:
         """(a KV cache to continue from, how many prompt tokens it already holds)."""
@@ -49,8 +51,15 @@ class PromptCache:
         if not held:
             return
         self._lru.insert_cache(model_key, held, cache)
-        if self.directory is not None:
-            self._persist(model_key, held, cache)
+        if self.directory is not None:  # only the newest `persisted` stay on disk: no use writing older ones
+            self._unsaved[model_key] = [*self._unsaved.get(model_key, []), (held, cache)][-self.persisted :]
+
+    def flush(self) -> None:
+        """Write the entries stored since the last flush to disk."""
+        unsaved, self._unsaved = self._unsaved, {}
+        for model_key, entries in unsaved.items():
+            for tokens, cache in entries:
+                self._persist(model_key, tokens, cache)
 
     def restore(self, model_key: str) -> int:
         """Load the entries persisted for a model; returns how many."""

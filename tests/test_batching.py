@@ -15,6 +15,7 @@ from converters.pipeline import ensure_converted
 from runtime.batching import BatchLimits
 from runtime.engine import Job, Runtime
 from runtime.generation import Delta, Failed, Finished, SamplingParams, SeededSampler, Started, sampler_for
+from runtime.prompt_cache import PromptCache
 from runtime.prompts import TextPrompt
 from tests.tiny_models import ARCHS, Q, build_model, write_gguf
 
@@ -33,9 +34,9 @@ def tiny(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def fresh_runtime(store: ModelStore, max_sequences: int = 4):
+def fresh_runtime(store: ModelStore, max_sequences: int = 4, prompt_cache: PromptCache | None = None):
     """A runtime with nothing loaded: the first job's load holds the MLX thread while the rest queue up."""
-    runtime = Runtime(store, limits=BatchLimits(max_sequences=max_sequences))
+    runtime = Runtime(store, prompt_cache=prompt_cache, limits=BatchLimits(max_sequences=max_sequences))
     try:
         yield runtime
     finally:
@@ -186,3 +187,20 @@ def test_an_announcement_that_never_arrives_delays_a_request_by_the_gathering_li
         assert isinstance(job.events.get(timeout=60), Started)
         waited = time.monotonic() - started
     assert 0.3 <= waited < 10
+
+
+def test_an_ended_requests_cache_reaches_the_disk_once_the_runtime_is_idle(tiny, tmp_path):
+    store, entry = tiny
+    folder = tmp_path / "prompt-cache"
+    with fresh_runtime(store, prompt_cache=PromptCache(folder, max_bytes=1 << 30)) as runtime:
+        first = outcome(runtime.submit(entry, TextPrompt(PROMPTS[3]), GREEDY))
+        deadline = time.monotonic() + 30
+        while not list(folder.rglob("*.safetensors")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(folder.rglob("*.safetensors"))) == 1  # while the runtime still runs, idle
+
+    with fresh_runtime(store, prompt_cache=PromptCache(folder, max_bytes=1 << 30)) as restarted:
+        again = outcome(restarted.submit(entry, TextPrompt(PROMPTS[3]), GREEDY))
+    assert first.finished.cached_tokens == 0
+    assert again.finished.cached_tokens == again.finished.prompt_tokens - 1  # the model still sees one
+    assert again.text == first.text

@@ -63,11 +63,25 @@ def test_reused_prefix_gives_the_same_logits_as_a_fresh_prefill(tiny_model):
     assert mx.abs(from_cache - fresh).max().item() < 1e-4
 
 
-def test_entries_persist_for_a_new_process(tiny_model, tmp_path):
+def test_entries_persist_for_a_new_process_once_flushed(tiny_model, tmp_path):
     first = PromptCache(tmp_path, max_bytes=1 << 30)
     first.store("m", TOKENS, filled(first, tiny_model, TOKENS))
+    assert PromptCache(tmp_path, max_bytes=1 << 30).restore("m") == 0  # not written while answering
+    first.flush()
 
     restarted = PromptCache(tmp_path, max_bytes=1 << 30)
     assert restarted.restore("m") == 1
     reused, cached = restarted.fetch("m", tiny_model, TOKENS + [5])
     assert cached == len(TOKENS) and reused[0].offset == len(TOKENS)
+
+
+def test_a_flush_writes_only_the_newest_entries_it_keeps(tiny_model, tmp_path):
+    first = PromptCache(tmp_path, max_bytes=1 << 30, persisted=2)
+    prompts = [TOKENS, [7, *TOKENS], [9, *TOKENS]]
+    for tokens in prompts:
+        first.store("m", tokens, filled(first, tiny_model, tokens))
+    first.flush()
+
+    restarted = PromptCache(tmp_path, max_bytes=1 << 30)
+    assert restarted.restore("m") == 2
+    assert [restarted.fetch("m", tiny_model, [*tokens, 5])[1] for tokens in prompts] == [0, 9, 9]
