@@ -136,7 +136,8 @@ def test_logsumexp_matches_mlx(shape, axis, keepdims, dtype):
 
 
 @pytest.mark.parametrize("shape, dtype", [((1, 1, 64), mx.float32), ((4, 1, 1536), mx.float32),
-                                          ((2, 5, 64), mx.float32), ((4, 1, 64), mx.float16)])
+                                          ((2, 5, 64), mx.float32), ((1, 330, 96), mx.float32),
+                                          ((20, 1, 64), mx.float32), ((4, 1, 64), mx.float16)])
 def test_swiglu_matches_mlx_lm(shape, dtype):
     gate, x = random(shape, dtype) * 30.0, random(shape, dtype, seed=1)
     assert_close(cpu_ops.swiglu(gate, x), cpu_ops.original("swiglu")(gate, x), dtype)
