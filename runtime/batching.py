@@ -5,6 +5,11 @@ and each decode step runs every active sequence through the weights at once, so 
 clients cost little more than one. Each sequence keeps its own sampler, logits processors
 (penalties, grammar), stop tokens, budget and prompt-cache prefix; one that is cancelled, or meets a
 stop string, leaves the batch at the next step and frees its slot.
+
+A request whose prompt the prompt cache already holds (all but its last token) has nothing to
+prefill. When it arrives with others whose prefill ends in the coming step, it waits for that step:
+the generator then starts them all with one pass through the model instead of two, and they decode
+in step from then on.
 """
 
 from __future__ import annotations
@@ -62,40 +67,81 @@ class Batch:
         )
         self.sequences: dict[int, Sequence] = {}
         self.decode_threads = DecodeThreads(loaded.tuning)
+        self.prefill_chunk = limits.prefill_chunk
+        self.prefilling: dict[int, int] = {}  # uid -> prompt tokens still to prefill before the last
+        self.held: list[tuple[int, object, Plan, list]] = []  # (steps run before, job, plan, cache)
+        self.steps = 0  # run so far
 
     def __len__(self) -> int:
-        return len(self.sequences)
+        return len(self.sequences) + len(self.held)
 
     def decoding(self) -> int:
         """Sequences past their prompt (the others wait for a slot or are being prefilled)."""
         return sum(1 for sequence in self.sequences.values() if sequence.plan.sampled)
 
     def admit(self, job, plan: Plan, cache: list) -> None:
+        """Into the generator; one with nothing to prefill decides at the next step (see `_release_held`)."""
+        job.put(Started(len(plan.prompt), plan.budget, plan.cached))
+        if unprefilled(plan):
+            self._insert(job, plan, cache)
+        else:
+            self.held.append((self.steps, job, plan, cache))
+
+    def _insert(self, job, plan: Plan, cache: list) -> None:
         (uid,) = self.generator.insert(
             [plan.prompt[plan.cached :]], max_tokens=[plan.budget], caches=[cache],
             all_tokens=[plan.prompt[: plan.cached]], samplers=[sampler_for(plan.params)],
             logits_processors=[plan.processors],
         )
         self.sequences[uid] = Sequence(job, plan, self.loaded.tokenizer.detokenizer)
-        job.put(Started(len(plan.prompt), plan.budget, plan.cached))
+        if unprefilled(plan):
+            self.prefilling[uid] = unprefilled(plan)
+
+    def _prefills_end_next_step(self) -> bool:
+        """Whether sequences are being prefilled, and every one of them is on its last chunk."""
+        return bool(self.prefilling) and max(self.prefilling.values()) <= self.prefill_chunk
 
     def step(self) -> list[Sequence]:
         """A prefill chunk and a decode step for the whole batch; returns the sequences that ended."""
         ended = self._drop_cancelled()
+        self._release_held()
+        self.steps += 1
         size = len(self)
         decode_only = self.decoding() == size
         threads = self.decode_threads.next(size) if decode_only else self.loaded.tuning.prefill_threads
         blas.set_threads(threads)
         started = time.perf_counter()
-        _, responses = self.generator.next()
+        prompt_responses, responses = self.generator.next()
         if decode_only:
             self.decode_threads.record(size, threads, time.perf_counter() - started)
+        self._track_prefills(prompt_responses)
         ended += [sequence for response in responses if (sequence := self._deliver(response))]
         return ended
 
+    def _release_held(self) -> None:
+        """Insert the held sequences, but for those that arrived since the last step while the prefills
+        under way end in the next: they join in the step after, together with those."""
+        wait = self._prefills_end_next_step()
+        held, self.held = self.held, []
+        for entry in held:
+            if wait and entry[0] == self.steps:
+                self.held.append(entry)
+            else:
+                self._insert(*entry[1:])
+
+    def _track_prefills(self, prompt_responses) -> None:
+        for response in prompt_responses:
+            if response.uid in self.prefilling:
+                done, total = response.progress
+                if (left := total - 1 - done) > 0:
+                    self.prefilling[response.uid] = left
+                else:
+                    del self.prefilling[response.uid]
+
     def fail(self, error: Exception) -> list[Sequence]:
         """End every sequence with `error` (the generator's state is then unusable)."""
-        ended, self.sequences = list(self.sequences.values()), {}
+        held = [Sequence(job, plan, self.loaded.tokenizer.detokenizer) for _, job, plan, _ in self.held]
+        ended, self.sequences, self.held = [*self.sequences.values(), *held], {}, []
         for sequence in ended:
             sequence.job.put(Failed(error))
         return ended
@@ -108,6 +154,8 @@ class Batch:
         if gone:
             self.generator.remove(gone)
         ended = [self.sequences.pop(uid) for uid in gone]
+        for uid in gone:
+            self.prefilling.pop(uid, None)
         for sequence in ended:
             sequence.finish("cancelled", self.record)
         return ended
@@ -131,7 +179,13 @@ class Batch:
 
     def _end(self, uid: int, reason: str, cache: list, tokens: list[int]) -> Sequence:
         sequence = self.sequences.pop(uid)
+        self.prefilling.pop(uid, None)
         sequence.finish(reason, self.record)
         # Filed under exactly the tokens it holds, so a follow-up turn reuses it.
         self.prompt_cache.store(self.loaded.cache_key, list(tokens), cache)
         return sequence
+
+
+def unprefilled(plan: Plan) -> int:
+    """Prompt tokens the model has yet to see before the last one (which the first decode step feeds)."""
+    return max(len(plan.prompt) - plan.cached - 1, 0)

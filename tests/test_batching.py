@@ -8,15 +8,19 @@ import threading
 import time
 from dataclasses import dataclass
 
+import mlx.core as mx
 import pytest
 
 from cache.store import ModelStore
 from converters.pipeline import ensure_converted
-from runtime.batching import BatchLimits
-from runtime.engine import Job, Runtime
+from runtime.batching import Batch, BatchLimits
+from runtime.engine import Job, Runtime, load
+from runtime.generation import Plan
+from runtime.plans import parser_for, processors_for
 from runtime.generation import Delta, Failed, Finished, SamplingParams, SeededSampler, Started, sampler_for
 from runtime.prompt_cache import PromptCache
 from runtime.prompts import TextPrompt
+from runtime.tuning import FLOAT32, Tuner
 from tests.tiny_models import ARCHS, Q, build_model, write_gguf
 
 PROMPTS = ["the cat sat", "he said the", "t h e", "hello there, the end of it"]
@@ -204,3 +208,36 @@ def test_an_ended_requests_cache_reaches_the_disk_once_the_runtime_is_idle(tiny,
     assert first.finished.cached_tokens == 0
     assert again.finished.cached_tokens == again.finished.prompt_tokens - 1  # the model still sees one
     assert again.text == first.text
+
+
+def planned(loaded, prompt_cache: PromptCache, entry, text: str) -> tuple[Job, Plan, list]:
+    """A job and its plan, made as the runtime makes them."""
+    job, prompt = Job(entry, TextPrompt(text), GREEDY), TextPrompt(text)
+    tokens = prompt.tokens(loaded.tokenizer, loaded.dialect)
+    cache, cached = prompt_cache.fetch(loaded.cache_key, loaded.model, tokens)
+    plan = Plan(tokens, cached, 6, GREEDY, parser_for(loaded, prompt, GREEDY, tokens),
+                processors_for(loaded, prompt, GREEDY, len(tokens)))
+    return job, plan, cache
+
+
+def test_a_cached_prompt_waits_a_step_to_start_decoding_together_with_a_prompt_being_prefilled(tiny):
+    store, entry = tiny
+    loaded = load(entry, store.checkpoint_path(entry), tuner=Tuner(None, layout=FLOAT32, threads=1))
+    prompt_cache = PromptCache(None, max_bytes=1 << 30)
+    _, seen, cache = planned(loaded, prompt_cache, entry, PROMPTS[0])
+    mx.eval(loaded.model(mx.array([seen.prompt]), cache=cache))
+    prompt_cache.store(loaded.cache_key, seen.prompt, cache)
+
+    batch = Batch(loaded, prompt_cache, BatchLimits(), record=lambda *_: None)
+    cached, fresh = planned(loaded, prompt_cache, entry, PROMPTS[0]), planned(loaded, prompt_cache, entry, PROMPTS[3])
+    assert cached[1].cached == len(cached[1].prompt) - 1 and fresh[1].cached == 0
+    for job, plan, cache in (cached, fresh):
+        batch.admit(job, plan, cache)
+
+    decoding = []
+    while len(batch):
+        batch.step()
+        decoding.append(batch.decoding())
+    assert decoding[:3] == [0, 0, 2]  # the fresh prompt's prefill, both starts in one pass, both first tokens
+    alone = one_at_a_time(store, entry, [PROMPTS[0], PROMPTS[3]], SamplingParams(max_tokens=6, temperature=0.0))
+    assert [outcome(job).text for job in (cached[0], fresh[0])] == [o.text for o in alone]
