@@ -15,7 +15,8 @@ temporary IMPETUS_HOME) and the same raw-text prompts for every engine, greedy, 
 
 Figures: TTFT and prefill tok/s (prompt tokens / TTFT) of a ~330-token prompt, decode tok/s
 ((completion tokens - 1) / time from the first to the last token), aggregate tok/s of N concurrent
-clients (raw mlx-lm: `batch_generate` in-process; llama.cpp: one sequence, not measured), TTFT of a
+clients (raw mlx-lm: `batch_generate` in-process; llama.cpp: one sequence, not measured), the median of
+`--rounds` rounds of 1, 2, 4 and 8 clients with prompts of their own (a round of a few seconds is noisy), TTFT of a
 request sharing a long prefix with the one before, and peak RSS (VmHWM) of each engine's process.
 Prints a markdown table and the issue's ratios, writes `bench/results.md` and `bench/results.png`.
 """
@@ -76,7 +77,7 @@ class Workload:
     prompts: list[str]  # ~prompt_tokens each, distinct from their first token: never a cache hit
     decode_tokens: int
     levels: list[int]
-    client_prompts: list[str]  # short, one per concurrent client (max level of them)
+    client_rounds: list[list[str]]  # a round's short prompts, one per concurrent client (max level of them)
     client_tokens: int
     prefix_pair: list[str]  # two prompts sharing a long prefix
 
@@ -91,6 +92,10 @@ def fit_tokens(tokenizer, text: str, count: int) -> str:
     return tokenizer.decode(ids[:count])
 
 
+def round_tag(index: int) -> str:
+    return f" (round {index + 1})" if index else ""
+
+
 def build_workload(args, model_dir: Path, gguf: Path) -> Workload:
     from transformers import AutoTokenizer
 
@@ -103,7 +108,7 @@ def build_workload(args, model_dir: Path, gguf: Path) -> Workload:
         warmup="Warm-up " + body[:200] + TASK,
         prompts=[f"Report {n}. {body}{TASK}" for n in range(args.repeats)],
         decode_tokens=args.decode_tokens, levels=levels,
-        client_prompts=[f"Client {n}.{TASK}" for n in range(max(levels))],
+        client_rounds=[[f"Client {n}{round_tag(r)}.{TASK}" for n in range(max(levels))] for r in range(args.rounds)],
         client_tokens=args.client_tokens,
         prefix_pair=[f"Shared. {prefix}{TASK}", f"Shared. {prefix}\n\nSummarise the text above in one sentence:"],
     )
@@ -142,7 +147,8 @@ class Result:
     label: str
     note: str = ""
     samples: list[dict] = field(default_factory=list)
-    aggregate: dict[str, float] = field(default_factory=dict)  # str(level) -> tok/s
+    aggregate: dict[str, float] = field(default_factory=dict)  # str(level) -> tok/s, the rounds' median
+    aggregate_rounds: dict[str, list[float]] = field(default_factory=dict)  # str(level) -> each round's tok/s
     aggregate_note: str = ""
     prefix: dict = field(default_factory=dict)  # cold_ttft, cached_ttft, cached_tokens
     peak_rss_bytes: int | None = None
@@ -203,7 +209,7 @@ def raw_mlx_worker(work: Workload, layout: str) -> Result:
     raw_stream(model, tokenizer, work.warmup, 4)
     for prompt in work.prompts:
         record(result, raw_stream(model, tokenizer, prompt, work.decode_tokens))
-    result.aggregate = raw_aggregates(model, tokenizer, work)
+    record_rounds(result, [raw_aggregates(model, tokenizer, work, prompts) for prompts in work.client_rounds])
     result.aggregate_note = "1: stream_generate; more: batch_generate in-process (no HTTP)"
     result.peak_rss_bytes, result.blas = peak_rss(), mapped_blas()
     return result
@@ -226,15 +232,21 @@ def raw_stream(model, tokenizer, text: str, max_tokens: int) -> Sample:
     return Sample(first - started, len(tokens), count, last - first, wall=last - started)
 
 
-def raw_aggregates(model, tokenizer, work: Workload) -> dict[str, float]:
+def record_rounds(result: Result, rounds: list[dict[str, float]]) -> None:
+    """Each round's aggregate rates, and their median by level: one round of a few seconds is noisy."""
+    result.aggregate_rounds = {level: [rates[level] for rates in rounds] for level in rounds[0]}
+    result.aggregate = {level: statistics.median(values) for level, values in result.aggregate_rounds.items()}
+
+
+def raw_aggregates(model, tokenizer, work: Workload, client_prompts: list[str]) -> dict[str, float]:
     from mlx_lm import batch_generate
 
     rates = {}
     for level in work.levels:
-        prompts = [tokenizer.encode(p) for p in work.client_prompts[:level]]
+        prompts = [tokenizer.encode(p) for p in client_prompts[:level]]
         started = time.perf_counter()
         if level == 1:
-            produced = raw_stream(model, tokenizer, work.client_prompts[0], work.client_tokens).completion_tokens
+            produced = raw_stream(model, tokenizer, client_prompts[0], work.client_tokens).completion_tokens
         else:
             reply = batch_generate(model, tokenizer, prompts, max_tokens=work.client_tokens, return_token_ids=True)
             produced = sum(len(ids) for ids in reply.token_ids)
@@ -251,7 +263,8 @@ def llama_cpp_worker(work: Workload) -> Result:
     result = Result("llama-cpp", LABELS["llama-cpp"], note=note)
     for prompt in work.prompts:
         record(result, llama_stream(llm, prompt, work.decode_tokens))
-    result.aggregate = {"1": llama_stream(llm, work.client_prompts[0], work.client_tokens).completion_tokens_rate}
+    record_rounds(result, [{"1": llama_stream(llm, prompts[0], work.client_tokens).completion_tokens_rate}
+                           for prompts in work.client_rounds])
     result.aggregate_note = "one sequence per context: concurrency not measured"
     cold = llama_stream(llm, work.prefix_pair[0], 2)
     warm = llama_stream(llm, work.prefix_pair[1], 2)
@@ -445,16 +458,23 @@ def measure_server(engine: str, server: Server, model: str, work: Workload) -> R
         warm = stream_completion(client, server.url, model, work.prefix_pair[1], 2)
     result.prefix = {"cold_ttft": cold.ttft, "cached_ttft": warm.ttft, "cached_tokens": warm.cached_tokens}
     log.info("  %s: prefix ttft cold %.2fs, shared %.2fs", engine, cold.ttft, warm.ttft)
-    for level in work.levels:
-        # Once untimed first, on other prompts (nothing for the prompt cache to reuse): the figure is the
-        # steady state, without one-off work such as the runtime's thread trial at a new batch size.
-        concurrent_rate(server.url, model, [f"Warm-up {p}" for p in work.client_prompts[:level]], work.client_tokens)
-        rate = concurrent_rate(server.url, model, work.client_prompts[:level], work.client_tokens)
-        result.aggregate[str(level)] = rate
-        log.info("  %s: %d clients: %.2f tok/s", engine, level, rate)
+    record_rounds(result, [concurrent_rates(engine, server, model, work, prompts) for prompts in work.client_rounds])
     result.aggregate_note = "concurrent HTTP clients (threads)"
     result.peak_rss_bytes, result.blas = peak_rss(server.process.pid), mapped_blas(server.process.pid)
     return result
+
+
+def concurrent_rates(engine: str, server: Server, model: str, work: Workload, prompts: list[str]) -> dict[str, float]:
+    """One round: each level's aggregate rate. A level's clients include the previous level's, whose
+    prompts the server may have cached, as a returning client's would be."""
+    rates = {}
+    for level in work.levels:
+        # Once untimed first, on other prompts (nothing for the prompt cache to reuse): the figure is the
+        # steady state, without one-off work such as the runtime's thread trial at a new batch size.
+        concurrent_rate(server.url, model, [f"Warm-up {p}" for p in prompts[:level]], work.client_tokens)
+        rates[str(level)] = concurrent_rate(server.url, model, prompts[:level], work.client_tokens)
+        log.info("  %s: %d clients: %.2f tok/s", engine, level, rates[str(level)])
+    return rates
 
 
 def run_server(engine: str, command: list[str], env: dict, model: str, ready_path: str, work: Workload,
@@ -618,7 +638,16 @@ def goal_lines(results: dict[str, Result]) -> list[str]:
         verdict = "n/a" if value is None else ("info" if goal is None else ("PASS" if value >= goal else "FAIL"))
         target = f" (goal ≥ {goal:g})" if goal is not None else ""
         lines.append(f"- {name}: {fmt(value)}×{target} — {verdict}")
-    return lines
+    return lines + round_lines(results.get("impetus"))
+
+
+def round_lines(result: Result | None) -> list[str]:
+    """The 4-client goal's ratio in each round (the goal line takes the medians of each level)."""
+    rounds = result.aggregate_rounds if result and not result.error else {}
+    if "1" not in rounds or "4" not in rounds:
+        return []
+    ratios = ", ".join(f"{four / one:.2f}×" for one, four in zip(rounds["1"], rounds["4"]))
+    return [f"- Impetus 4 clients / 1 client, round by round: {ratios}"]
 
 
 def machine_line(info: dict) -> str:
@@ -635,7 +664,8 @@ def report(results: list[Result], levels: list[int], info: dict, work: Workload,
         f"# Serving benchmark ({time.strftime('%Y-%m-%d %H:%M')})", "",
         f"Machine: {machine_line(info)}.",
         (f"Model: {Path(work.gguf).name}. Prompt ≈{prompt_tokens} tokens, {work.decode_tokens} tokens decoded greedily, "
-         f"median of {len(work.prompts)}; concurrent clients get {work.client_tokens} tokens each; the prefix pair "
+         f"median of {len(work.prompts)}; concurrent clients get {work.client_tokens} tokens each, median of "
+         f"{len(work.client_rounds)} rounds; the prefix pair "
          f"shares ≈{args.prefix_tokens} tokens. OPENBLAS_NUM_THREADS: {args.openblas_threads or 'unset'}."), "",
         table(results, levels), "",
         ("TTFT is wall time to the first text (HTTP included for servers); prefill tok/s = prompt tokens / TTFT; "
@@ -713,6 +743,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="prefill/decode requests per engine (median)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--client-tokens", type=int, default=32, help="tokens each concurrent client asks for")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of concurrent clients (median by level)")
     parser.add_argument("--prefix-tokens", type=int, default=500, help="shared prefix of the cached-prefix pair")
     parser.add_argument("--openblas-threads", type=int, help="OPENBLAS_NUM_THREADS for every engine (default: unset)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench", help="where results.md and results.png go")
@@ -720,7 +751,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     if parser.parse_args(argv).quick:  # shorter defaults; flags given explicitly still win
-        parser.set_defaults(decode_tokens=32, repeats=1, client_tokens=16, concurrency=[1, 4], prefix_tokens=200)
+        parser.set_defaults(decode_tokens=32, repeats=1, client_tokens=16, concurrency=[1, 4], prefix_tokens=200, rounds=1)
     args = parser.parse_args(argv)
     if 1 not in args.concurrency:
         args.concurrency = [1, *args.concurrency]
