@@ -34,6 +34,7 @@ DEFAULT_CONTEXT = 4096
 # The longest an idle runtime holds a request back for others the HTTP layer has announced, so that
 # requests sent together share one prefill instead of the first one's keeping the others waiting.
 GATHER_SECONDS = 0.05
+SAVE_AFTER_IDLE = 1.0  # seconds without a job before unsaved prompt caches are written
 
 
 class Announcements:
@@ -255,10 +256,8 @@ class Runtime:
         """Everything submitted so far; while nothing is generating, wait for the first (or IDLE), then for
         the requests announced with it."""
         idle = not self.stats.active_sequences
-        if idle:  # written now rather than in a step, where writing one held back the others' tokens
-            self.prompt_cache.flush()
         try:
-            items = [self._jobs.get(timeout=self.residency.next_expiry_in()) if idle else self._jobs.get_nowait()]
+            items = [self._next_job() if idle else self._jobs.get_nowait()]
         except queue.Empty:
             return [IDLE] if idle else []
         if idle:
@@ -268,6 +267,18 @@ class Runtime:
                 items.append(self._jobs.get_nowait())
             except queue.Empty:
                 return items
+
+    def _next_job(self):
+        """For an idle runtime: the next job, or queue.Empty when a model is due to expire. Prompt caches go
+        to disk once no job has come for SAVE_AFTER_IDLE seconds: written in a step they held back the
+        others' tokens, and written as soon as a burst of requests ends, the next burst's first requests."""
+        if self.prompt_cache.unsaved():
+            expiry = self.residency.next_expiry_in()
+            try:
+                return self._jobs.get(timeout=SAVE_AFTER_IDLE if expiry is None else min(expiry, SAVE_AFTER_IDLE))
+            except queue.Empty:
+                self.prompt_cache.flush()
+        return self._jobs.get(timeout=self.residency.next_expiry_in())
 
     def _announced(self) -> list:
         """What arrives while announced requests are pending, for at most `gather_seconds`."""

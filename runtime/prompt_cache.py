@@ -1,6 +1,6 @@
 """Prefix KV cache across requests: reuse the longest cached token prefix (system prompt, tools,
 history), within a byte budget, and keep the newest entries on disk so a restarted server has them.
-Entries reach the disk when the runtime is idle (`flush`), not while other requests are being answered.
+Entries reach the disk when the runtime has been idle a moment (`flush`), not while requests are answered.
 
 Built on mlx-lm's LRUPromptCache (a token trie with LRU eviction) and its cache save/load.
 """
@@ -53,6 +53,9 @@ class PromptCache:
         self._lru.insert_cache(model_key, held, cache)
         if self.directory is not None:  # only the newest `persisted` stay on disk: no use writing older ones
             self._unsaved[model_key] = [*self._unsaved.get(model_key, []), (held, cache)][-self.persisted :]
+
+    def unsaved(self) -> bool:
+        return bool(self._unsaved)
 
     def flush(self) -> None:
         """Write the entries stored since the last flush to disk."""
