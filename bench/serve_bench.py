@@ -491,7 +491,7 @@ def run_server(engine: str, command: list[str], env: dict, model: str, ready_pat
             result.note = post_ready(server)
         return result
     except (httpx.HTTPError, RuntimeError, OSError, ValueError) as exc:
-        log.error("%s failed: %s", engine, exc)
+        log.error("%s failed: %s; the end of its log:\n%s", engine, exc, server.log_tail())
         return Result(engine, LABELS[engine], error=str(exc).splitlines()[0][:200])
     finally:
         server.stop()

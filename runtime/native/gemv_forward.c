@@ -344,6 +344,7 @@ typedef struct {
 
 static product work;                        /* written before its generation is published */
 static _Atomic unsigned long long claims;   /* generation << 32 | the next unclaimed chunk */
+static _Atomic unsigned long long limits;   /* generation << 32 | how many chunks that product has */
 static atomic_int finished, sleeping;
 static int helpers;                         /* started in this process (none after a fork) */
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER, sleep_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -351,10 +352,17 @@ static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 
 static unsigned generation_of(unsigned long long word) { return (unsigned)(word >> 32); }
 
-/* The next chunk of `generation`'s product, or -1 when none is left (or another product began). */
-static int claim(unsigned generation, int chunks) {
+/* The next chunk of `generation`'s product, or -1 when none is left (or another product began). The
+ * chunk count comes from `limits`, never from a helper's copy of `work`: a helper that arrives after the
+ * last chunk was claimed may copy `work` while the caller writes the next product into it, and a count
+ * read from that copy could let it claim past the end of the finished product (and write through the
+ * new one's half-copied pointers: a heap corruption seen once in a benchmark's server). */
+static int claim(unsigned generation) {
+    unsigned long long limit = atomic_load(&limits);
+    if (generation_of(limit) != generation) return -1;
+    unsigned chunks = (unsigned)(limit & 0xffffffffu);
     unsigned long long word = atomic_load(&claims);
-    while (generation_of(word) == generation && (int)(word & 0xffffffffu) < chunks)
+    while (generation_of(word) == generation && (unsigned)(word & 0xffffffffu) < chunks)
         if (atomic_compare_exchange_weak(&claims, &word, word + 1)) return (int)(word & 0xffffffffu);
     return -1;
 }
@@ -395,7 +403,7 @@ static void run_alone(const product *task) {
 
 static int run_chunks(const product *task, unsigned generation) {
     int count = 0;
-    for (int chunk; (chunk = claim(generation, task->chunks)) >= 0; ++count) run_chunk(task, chunk);
+    for (int chunk; (chunk = claim(generation)) >= 0; ++count) run_chunk(task, chunk);
     return count;
 }
 
@@ -458,9 +466,11 @@ static int start_helpers(int wanted) {
 }
 
 static void publish(const product *task) {
+    unsigned long long generation = generation_of(atomic_load(&claims)) + 1;
     work = *task;
     atomic_store(&finished, 0);
-    atomic_store(&claims, (unsigned long long)(generation_of(atomic_load(&claims)) + 1) << 32);
+    atomic_store(&limits, generation << 32 | (unsigned)task->chunks);
+    atomic_store(&claims, generation << 32);
     if (atomic_load(&sleeping)) {
         pthread_mutex_lock(&sleep_lock);
         pthread_cond_broadcast(&wake);
