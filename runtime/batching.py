@@ -52,6 +52,15 @@ class Sequence:
         self.job.put(self.finished)
 
 
+@dataclass
+class Held:
+    """A request with nothing to prefill, waiting to join the generator (see `Batch._release_held`)."""
+    since: int  # steps the batch had run when it arrived
+    job: object
+    plan: Plan
+    cache: list
+
+
 class Batch:
     """The running batch of one loaded model."""
 
@@ -69,7 +78,7 @@ class Batch:
         self.decode_threads = DecodeThreads(loaded.tuning)
         self.prefill_chunk = limits.prefill_chunk
         self.prefilling: dict[int, int] = {}  # uid -> prompt tokens still to prefill before the last
-        self.held: list[tuple[int, object, Plan, list]] = []  # (steps run before, job, plan, cache)
+        self.held: list[Held] = []
         self.steps = 0  # run so far
 
     def __len__(self) -> int:
@@ -85,7 +94,7 @@ class Batch:
         if unprefilled(plan):
             self._insert(job, plan, cache)
         else:
-            self.held.append((self.steps, job, plan, cache))
+            self.held.append(Held(self.steps, job, plan, cache))
 
     def _insert(self, job, plan: Plan, cache: list) -> None:
         (uid,) = self.generator.insert(
@@ -124,10 +133,10 @@ class Batch:
         wait = self._prefills_end_next_step()
         held, self.held = self.held, []
         for entry in held:
-            if wait and entry[0] == self.steps:
+            if wait and entry.since == self.steps:
                 self.held.append(entry)
             else:
-                self._insert(*entry[1:])
+                self._insert(entry.job, entry.plan, entry.cache)
 
     def _track_prefills(self, prompt_responses) -> None:
         for response in prompt_responses:
@@ -140,7 +149,7 @@ class Batch:
 
     def fail(self, error: Exception) -> list[Sequence]:
         """End every sequence with `error` (the generator's state is then unusable)."""
-        held = [Sequence(job, plan, self.loaded.tokenizer.detokenizer) for _, job, plan, _ in self.held]
+        held = [Sequence(entry.job, entry.plan, self.loaded.tokenizer.detokenizer) for entry in self.held]
         ended, self.sequences, self.held = [*self.sequences.values(), *held], {}, []
         for sequence in ended:
             sequence.job.put(Failed(error))
