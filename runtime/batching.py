@@ -103,8 +103,8 @@ class Batch:
             logits_processors=[plan.processors],
         )
         self.sequences[uid] = Sequence(job, plan, self.loaded.tokenizer.detokenizer)
-        if unprefilled(plan):
-            self.prefilling[uid] = unprefilled(plan)
+        if left := unprefilled(plan):
+            self.prefilling[uid] = left
 
     def _prefills_end_next_step(self) -> bool:
         """Whether sequences are being prefilled, and every one of them is on its last chunk."""

@@ -2,10 +2,10 @@
 
 MLX's Linux CPU wheel bundles the reference BLAS. The server re-executes itself once with Debian's
 OpenBLAS preloaded and, in front of it, a small library of ours (`native/gemv_forward.c`, built on
-first use with the system C compiler) that answers the products of decode steps (one row, or the few
-rows of a small batch, against each weight matrix) with its own prefetching kernel (over helper threads
-of its own when OpenBLAS is set to several), or with `sgemv`: OpenBLAS releases before 0.3.27 pack the
-whole weight matrix for them.
+first use with the system C compiler) that answers the products against each weight matrix itself (over
+helper threads of its own when OpenBLAS is set to several): a decode step's one row, or the few rows of
+a small batch, with a prefetching kernel, since OpenBLAS releases before 0.3.27 pack the whole weight
+matrix for them, and a prompt's rows in passes of wide vectors, faster than OpenBLAS 0.3.21's AVX2 kernels.
 It also preloads tcmalloc where installed: every op of a decode step allocates (its array's
 description, its output), and glibc's malloc, which merges free chunks after large frees, took 5-8% of
 the step; with tcmalloc a SmolLM2 decode step went from 27 to 21 ms. Large buffers still go back to
