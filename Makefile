@@ -16,7 +16,7 @@ QT_FONT := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
 # tcmalloc: the server preloads it too (faster than glibc's malloc for MLX's many small allocations).
 TCMALLOC := /usr/lib/$(shell uname -m)-linux-gnu/libtcmalloc_minimal.so.4
-# gcc builds runtime/native/gemv_forward.c, which the server puts in front of OpenBLAS for decode steps.
+# gcc builds runtime/cpu/native/gemv_forward.c, which the server puts in front of OpenBLAS for decode steps.
 SYSTEM_PACKAGES := $(QT_PACKAGES) libopenblas0-pthread libtcmalloc-minimal4 gcc libc6-dev
 # The real Cline CLI for the end-to-end test, pinned by tests/cline/package-lock.json.
 CLINE := tests/cline/node_modules/.bin/cline

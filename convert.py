@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from cache.store import ModelStore
-from converters.errors import ImpetusError
 from converters.pipeline import Conversion, ensure_converted
+from errors import ImpetusError
 from settings import Settings
 
 

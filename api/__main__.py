@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from cache.store import Entry, ModelStore
-from converters.errors import ImpetusError, ModelNotFoundError
 from converters.pipeline import ensure_converted
-from runtime.blas import relaunch_with_openblas
+from errors import ImpetusError, ModelNotFoundError
+from runtime.cpu.blas import relaunch_with_openblas
 from settings import DEFAULT_MODEL_ALIAS, Settings, default_model_path
 
 log = logging.getLogger("impetus")
@@ -48,9 +48,9 @@ def startup_model(name: str, store: ModelStore) -> Entry:
 
 
 def build_runtime(settings: Settings, store: ModelStore, entry: Entry):
+    from hardware import available_memory
     from runtime.batching import BatchLimits
     from runtime.engine import Runtime
-    from runtime.hardware import available_memory
     from runtime.prompt_cache import PromptCache
     from runtime.residency import Residency
     from runtime.tuning import Tuner

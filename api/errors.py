@@ -9,8 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from converters.errors import ImpetusError, ModelNotFoundError
-from runtime.errors import ContextLengthExceededError, ModelLoadError
+from errors import ContextLengthExceededError, ImpetusError, ModelLoadError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 

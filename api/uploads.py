@@ -10,8 +10,8 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 
-from converters.errors import ImpetusError
 from converters.registry import detect
+from errors import ImpetusError
 
 CHUNK = 1 << 20
 

@@ -179,7 +179,7 @@ def peak_rss(pid: int | str = "self") -> int | None:
 def mapped_blas(pid: int | str = "self") -> str:
     """Which BLAS serves MLX's sgemm in that process. numpy's own `libscipy_openblas64_` does not count:
     its symbols are renamed, so only a system OpenBLAS (preloaded) interposes on MLX's bundled libblas."""
-    from runtime.blas import mapped_files
+    from runtime.cpu.blas import mapped_files
 
     names = {Path(file).name for file in mapped_files(pid) or []}
     forwarding = " + decode-step kernels" if any(name.startswith("libimpetus_gemv") for name in names) else ""
@@ -527,7 +527,7 @@ def base_env(home: Path, openblas_threads: int | None) -> dict:
 
 def openblas_env(env: dict) -> dict:
     """The preloads our server gives itself (OpenBLAS, the single-row forwarding library in front, tcmalloc)."""
-    from runtime.blas import server_preloads
+    from runtime.cpu.blas import server_preloads
 
     libraries = server_preloads(Path(env["IMPETUS_HOME"]) / "native")
     return {**env, "LD_PRELOAD": " ".join(libraries)} if libraries else env
@@ -569,8 +569,8 @@ def machine() -> dict:
 
     import mlx.core as mx
 
-    from runtime.blas import openblas_path
-    from runtime.hardware import cpu_description, physical_memory
+    from hardware import cpu_description, physical_memory
+    from runtime.cpu.blas import openblas_path
 
     cpu = cpu_description()
     return {

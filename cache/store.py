@@ -21,7 +21,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from converters.errors import ImpetusError, ModelNotFoundError
+from errors import ImpetusError, ModelNotFoundError
 
 STAGING_PREFIX = ".partial-"
 CACHE_CAP_VARIABLE = "IMPETUS_CACHE_MAX_BYTES"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cache.fingerprint import changed_files
 from cache.store import ModelStore
-from converters.errors import ImpetusError
+from errors import ImpetusError
 
 # What mlx-lm and safetensors raise on damaged or inconsistent checkpoint files.
 LOAD_ERRORS = (ValueError, RuntimeError, OSError, KeyError)

@@ -28,9 +28,9 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from converters.errors import ConversionError
 from converters.hf import copier, read_config, tokenizer_files
 from converters.source import SourceModel, quantization_block
+from errors import ConversionError
 
 log = logging.getLogger(__name__)
 # coremltools warns at import that prediction is unavailable off macOS; we never predict.

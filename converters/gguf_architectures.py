@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from converters.errors import ConversionError, UnsupportedArchitectureError
+from errors import ConversionError, UnsupportedArchitectureError
 
 # Where rope's rotation pairs sit in a head's rows: adjacent rows (llama.cpp's LLAMA_ROPE_TYPE_NORM,
 # MLX's `traditional=True`) or a row and the one half a head further (NEOX, HF, MLX's default).

@@ -9,8 +9,8 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from converters.errors import ConversionError
 from converters.gguf_architectures import Architecture
+from errors import ConversionError
 
 # llama.cpp sizes Gemma's attention scale by model: only its 27B variants (told apart by layer count)
 # use hidden_size / heads instead of head_dim.

@@ -15,7 +15,6 @@ import gguf
 import mlx.core as mx
 from tqdm import tqdm
 
-from converters.errors import ConversionError
 from converters.gguf_architectures import (
     CONFIG_TENSORS,
     Architecture,
@@ -28,7 +27,9 @@ from converters.gguf_architectures import (
 )
 from converters.gguf_config import Metadata, build_config
 from converters.gguf_quants import mlx_quantization, to_mlx
-from converters.source import SourceModel, quantization_block as shared_quantization_block
+from converters.source import SourceModel
+from converters.source import quantization_block as shared_quantization_block
+from errors import ConversionError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 
-from converters.errors import ConversionError
+from errors import ConversionError
 
 Q = gguf.GGMLQuantizationType
 GROUP_SIZE = 32

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from converters.errors import ConversionError, UnsupportedArchitectureError
 from converters.source import SourceModel, Tensors
+from errors import ConversionError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from converters.errors import ConversionError
 from converters.hf import hf_source, read_config, sidecar_folder
 from converters.safetensors_format import count_parameters, source_from_shards
 from converters.source import SourceModel
+from errors import ConversionError
 
 
 def read(path: Path) -> SourceModel:

@@ -34,10 +34,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tqdm import tqdm
 
-from converters.errors import ConversionError
 from converters.hf import hf_source, read_config, sidecar_folder
 from converters.source import SourceModel, quantization_block
 from converters.validate import expected_shapes
+from errors import ConversionError
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from cache.fingerprint import content_hash, entry_key, files_of, folder_digests, slug, stat_fingerprint
 from cache.store import Entry, ModelStore
-from converters.errors import ConversionError
 from converters import planner
 from converters.planner import DEFAULT_MEMORY_SHARE, Budget, ModelShape, Overrides, Plan, SourcePrecision, choose
 from converters.registry import Format, detect
+from errors import ConversionError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def overrides_from(options: dict | None) -> Overrides:
 
 def memory_budget() -> Budget:
     """A share (IMPETUS_MEMORY_SHARE, default 0.75) of the machine's memory (IMPETUS_MEMORY_BYTES overrides it)."""
-    from runtime.hardware import machine_memory
+    from hardware import machine_memory
 
     machine = env_number(MEMORY_BYTES_VARIABLE, int) or machine_memory()
     share = env_number(MEMORY_SHARE_VARIABLE, float) or DEFAULT_MEMORY_SHARE

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from converters.errors import ConversionError
+from errors import ConversionError
 
 GB = 10**9
 # Widths MLX's affine quantisation implements (no 7).

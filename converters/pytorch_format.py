@@ -25,9 +25,9 @@ import mlx.core as mx
 import torch
 
 from converters import sniff
-from converters.errors import ConversionError
 from converters.hf import hf_source, normalise_config, read_config, sidecar_folder
 from converters.source import SourceModel
+from errors import ConversionError
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,11 @@ at once, so the source tensor it came from can be freed before the next one is r
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 
-from converters.errors import ConversionError
 from converters.planner import Plan
 from converters.source import SourceModel, quantization_block
+from errors import ConversionError
 
 PACKED_PARTS = ("weight", "scales", "biases")
 

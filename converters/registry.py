@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from converters import sniff
-from converters.errors import ConversionError, UnknownFormatError
+from errors import ConversionError, UnknownFormatError
 
 
 @dataclass(frozen=True)

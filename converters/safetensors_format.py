@@ -18,11 +18,11 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from converters.errors import ConversionError
 from converters.hf import hf_source, read_config, sidecar_folder
 from converters.sniff import safetensors_header
 from converters.source import SourceModel
 from converters.validate import check_distinct
+from errors import ConversionError
 
 INDEX = "model.safetensors.index.json"
 # safetensors dtypes that mx.load reads as they are, and their sizes in bytes.

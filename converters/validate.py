@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from converters.errors import ConversionError
 from converters.source import Tensors
+from errors import ConversionError
 
 # What mlx-lm raises when a config does not fit its model classes.
 CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError)

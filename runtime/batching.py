@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from runtime import blas
+from runtime.cpu import blas
 from runtime.generation import Failed, Finished, Plan, Started, early_finish, final_reason, sampler_for
 from runtime.prompt_cache import PromptCache
 from runtime.tuning import DecodeThreads

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.store import Entry, ModelStore
-from converters.errors import ImpetusError, ModelNotFoundError
+from errors import ImpetusError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 

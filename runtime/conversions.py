@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from cache.store import Entry, ModelStore
-from converters.errors import ConversionError
+from errors import ConversionError
 
 log = logging.getLogger(__name__)
 

@@ -16,16 +16,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cache.store import Entry, ModelStore
-from converters.errors import ImpetusError, ModelNotFoundError
-from runtime import cpu_ops
+from errors import ImpetusError, ModelLoadError, ModelNotFoundError, OutOfMemoryError
+from hardware import available_memory
 from runtime.batching import Batch, BatchLimits, Sequence
-from runtime.errors import ModelLoadError, OutOfMemoryError
+from runtime.chat.tools import HERMES, ToolDialect, dialect_for
+from runtime.cpu import blas
+from runtime.cpu import ops as cpu_ops
 from runtime.generation import Failed, Finished, Plan, SamplingParams, token_budget
-from runtime.hardware import available_memory
 from runtime.plans import parser_for, processors_for
 from runtime.prompt_cache import PromptCache
 from runtime.residency import Residency
-from runtime.tools import HERMES, ToolDialect, dialect_for
 from runtime.tuning import FLOAT32, Tuner, Tuning, fits_as_float32
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class LoadedModel:
     def grammar_tokenizer(self):
         """llguidance's tokenizer, built on first use (about a second)."""
         if self._grammar_tokenizer is None:
-            from runtime.constraints import ll_tokenizer
+            from runtime.chat.constraints import ll_tokenizer
 
             self._grammar_tokenizer = ll_tokenizer(self.tokenizer)
         return self._grammar_tokenizer
@@ -223,11 +223,10 @@ class Runtime:
     def status(self) -> dict:
         import mlx.core as mx
 
-        from runtime.hardware import runtime_report
-
         return {
             **asdict(self.stats),
-            "runtime": runtime_report(),
+            "runtime": {"device": str(mx.default_device()), **blas.report(), "cpu_fast_ops": cpu_ops.installed(),
+                        "available_memory_bytes": available_memory()},
             "model": self.loaded.entry.id if self.loaded else None,
             "layout": self.loaded.layout if self.loaded else None,
             "tuning": asdict(self.loaded.tuning) if self.loaded else None,

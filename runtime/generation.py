@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors, make_sampler
 
-from runtime.errors import ContextLengthExceededError
-from runtime.output import Delta, OutputParser, ToolCalls  # noqa: F401  (re-exported event types)
+from errors import ContextLengthExceededError
+from runtime.chat.output import Delta, OutputParser, ToolCalls  # noqa: F401  (re-exported event types)
 
 
 @dataclass(frozen=True)

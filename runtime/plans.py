@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from runtime.constraints import GrammarProcessor, json_schema_grammar, tool_call_grammar
+from runtime.chat.constraints import GrammarProcessor, json_schema_grammar, tool_call_grammar
+from runtime.chat.output import Markers, OutputParser
 from runtime.generation import SamplingParams, penalties_for
-from runtime.output import Markers, OutputParser
 
 
 def markers_for(loaded, prompt, params: SamplingParams) -> Markers:

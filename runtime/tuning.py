@@ -23,8 +23,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from runtime import blas
-from runtime.hardware import available_memory, cpu_description
+from hardware import available_memory, cpu_description
+from runtime.cpu import blas
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def machine_fingerprint() -> str:
     """What the measurements depend on besides the model: a change means measuring again."""
     import mlx.core as mx
 
-    from runtime.cpu_ops import installed
+    from runtime.cpu.ops import installed
 
     report = blas.report()
     parts = [platform.machine(), cpu_description().get("model"), cpu_description().get("usable_cores"),

@@ -14,12 +14,11 @@ import pytest
 from cache.store import ModelStore
 from converters.pipeline import ensure_converted
 from runtime.batching import Batch, BatchLimits
+from runtime.chat.prompts import TextPrompt
 from runtime.engine import Job, Runtime, load
-from runtime.generation import Plan
+from runtime.generation import Delta, Failed, Finished, Plan, SamplingParams, SeededSampler, Started, sampler_for
 from runtime.plans import parser_for, processors_for
-from runtime.generation import Delta, Failed, Finished, SamplingParams, SeededSampler, Started, sampler_for
 from runtime.prompt_cache import PromptCache
-from runtime.prompts import TextPrompt
 from runtime.tuning import FLOAT32, Tuner
 from tests.tiny_models import ARCHS, Q, build_model, write_gguf
 

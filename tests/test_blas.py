@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.blas import GEMV_LIBRARY_PREFIX, openblas_path, preloads, symbol_provider
+from runtime.cpu.blas import GEMV_LIBRARY_PREFIX, openblas_path, preloads, symbol_provider
 
 pytestmark = pytest.mark.skipif(openblas_path() is None, reason="needs Debian's OpenBLAS (make test installs it)")
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(openblas_path() is None, reason="needs Debian's 
 CHECK = r"""
 import ctypes, json
 import mlx.core as mx, numpy as np
-from runtime.blas import symbol_provider
+from runtime.cpu.blas import symbol_provider
 
 rng = np.random.default_rng(0)
 errors = []

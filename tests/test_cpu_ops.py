@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from runtime import cpu_ops
+from runtime.cpu import ops as cpu_ops
 
 TOLERANCE = {mx.float32: 2e-5, mx.float16: 2e-2, mx.bfloat16: 8e-2}
 

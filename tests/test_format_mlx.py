@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from converters.errors import ConversionError
 from converters.pipeline import ensure_converted
+from errors import ConversionError
 from tests.conftest import home_with
 from tests.exporters.mlx import export
 from tests.test_format_safetensors import (

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.errors import ConversionError
 from converters.onnx_format import read
 from converters.pipeline import ensure_converted
+from errors import ConversionError
 from tests.conftest import assert_refused_and_cache_untouched, home_with
 from tests.exporters.onnx import EXAMPLE_IDS, export
 from tests.tiny_models import IDS, build_hf_model, mlx_logits, torch_logits

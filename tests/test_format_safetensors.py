@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from converters.errors import ConversionError
 from converters.pipeline import ensure_converted
+from errors import ConversionError
 from tests.conftest import assert_refused_and_cache_untouched, home_with
 from tests.tiny_models import IDS, build_hf_model, mlx_logits, save_hf_folder, torch_logits
 

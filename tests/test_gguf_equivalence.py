@@ -15,14 +15,22 @@ from mlx_lm import load
 from mlx_lm.utils import load_tokenizer
 
 from converters import gguf_format
-from converters.errors import ConversionError
 from converters.gguf_architectures import HALVES, INTERLEAVED, row_reordering, target_rope_layout
 from converters.pipeline import ensure_converted
+from errors import ConversionError
 from tests.exporters.gguf import export as gguf_export
 from tests.exporters.gguf import write_sentencepiece_tokenizer
 from tests.tiny_models import (
+    ARCHS,
+    HF_ARCH_NAMES,
     IDS,
-    ARCHS, HF_ARCH_NAMES, Q, build_hf_model, build_model, llama_cpp_permute, reference_logits, stored, torch_logits,
+    Q,
+    build_hf_model,
+    build_model,
+    llama_cpp_permute,
+    reference_logits,
+    stored,
+    torch_logits,
     write_gguf,
 )
 

@@ -19,9 +19,9 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES
 from mlx_lm import load
 
-from converters.errors import ConversionError
 from converters.gguf_quants import mlx_quantization, to_mlx
 from converters.pipeline import ensure_converted
+from errors import ConversionError
 from tests.exporters.gguf import as_f32, export
 from tests.tiny_models import ARCHS, IDS, Q, build_model, random_blocks, torch_logits
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.blas import allocator_path
+from runtime.cpu.blas import allocator_path
 from tests.conftest import running_server
 from tests.tiny_models import ARCHS, Q, build_model, write_gguf
 

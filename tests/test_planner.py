@@ -8,10 +8,19 @@ import sys
 
 import pytest
 
-from converters.errors import ConversionError
 from converters.planner import (
-    MINIMUM_CONTEXT, MLX_WIDTHS, Budget, Layout, ModelShape, Overrides, Plan, SourcePrecision, choose, ladder,
+    MINIMUM_CONTEXT,
+    MLX_WIDTHS,
+    Budget,
+    Layout,
+    ModelShape,
+    Overrides,
+    Plan,
+    SourcePrecision,
+    choose,
+    ladder,
 )
+from errors import ConversionError
 
 GIB = 2**30
 MACHINES_GB = [8, 16, 24, 36, 64, 128, 192]
@@ -157,7 +166,8 @@ def test_impossible_overrides_are_refused(overrides, message):
 
 def test_hardware_probe_describes_this_machine():
     from converters.pipeline import sizing_report
-    from runtime.hardware import machine_memory, physical_memory, probe
+    from hardware import machine_memory, physical_memory, probe
+    from runtime.cpu.blas import loaded_blas
 
     report = probe()
     assert report["cpu"]["cores"] == os.cpu_count() and report["memory"]["total_bytes"] == physical_memory()
@@ -167,7 +177,7 @@ def test_hardware_probe_describes_this_machine():
     if sys.platform.startswith("linux"):
         meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
         assert physical_memory() // 1024 == pytest.approx(int(meminfo["MemTotal"].split()[0]), rel=0.01)
-        assert report["blas"] in {"openblas", "mkl", "blis", "libblas", "reference"} and report["cpu"]["model"]
+        assert loaded_blas() in {"openblas", "mkl", "blis", "libblas", "reference"} and report["cpu"]["model"]
     sizing = sizing_report()
     assert sizing["budget_bytes"] == int(sizing["machine_bytes"] * sizing["memory_share"])
 
@@ -178,7 +188,7 @@ def test_numpy_own_openblas_is_not_taken_for_mlx_s():
 
     import numpy  # noqa: F401  (maps numpy's bundled BLAS into this process)
 
-    from runtime.blas import loaded_blas
+    from runtime.cpu.blas import loaded_blas
 
     preloaded = "openblas" in os.environ.get("LD_PRELOAD", "")
     assert (loaded_blas() == "openblas") == preloaded

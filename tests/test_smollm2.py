@@ -7,9 +7,9 @@ from mlx_lm.utils import load_tokenizer
 from transformers import AutoTokenizer
 
 from cache.store import ModelStore
+from runtime.chat.prompts import ChatPrompt
 from runtime.engine import Runtime
 from runtime.generation import Delta, Failed, Finished, SamplingParams
-from runtime.prompts import ChatPrompt
 
 pytestmark = pytest.mark.slow
 

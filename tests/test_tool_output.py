@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from runtime.output import Delta, Markers, OutputParser, ToolCalls
-from runtime.tools import HERMES, ToolDialect
+from runtime.chat.output import Delta, Markers, OutputParser, ToolCalls
+from runtime.chat.tools import HERMES, ToolDialect
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 WRITE = {"type": "function", "function": {"name": "write_file", "parameters": {"type": "object"}}}

@@ -3,7 +3,7 @@ from fastapi import APIRouter
 from api.deps import CatalogDep, ConversionsDep, RuntimeDep, SettingsDep
 from api.responder import ChatShape, Responder, respond
 from api.schemas import ChatCompletionRequest
-from runtime.prompts import ChatPrompt
+from runtime.chat.prompts import ChatPrompt
 
 router = APIRouter(tags=["chat"])
 

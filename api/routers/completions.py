@@ -3,7 +3,7 @@ from fastapi import APIRouter
 from api.deps import CatalogDep, ConversionsDep, RuntimeDep, SettingsDep
 from api.responder import CompletionShape, Responder, respond
 from api.schemas import CompletionRequest
-from runtime.prompts import TextPrompt
+from runtime.chat.prompts import TextPrompt
 
 router = APIRouter(tags=["completions"])
 

@@ -1,5 +1,7 @@
 """What Impetus found on this machine and chose from it."""
 
+import sys
+
 from fastapi import APIRouter
 
 from api.deps import RuntimeDep
@@ -12,20 +14,21 @@ def optimization(runtime: RuntimeDep) -> dict:
     from dataclasses import asdict
 
     from converters.pipeline import sizing_report
-    from runtime.blas import report
-    from runtime.cpu_ops import installed
-    from runtime.hardware import probe
+    from hardware import probe
+    from runtime.cpu.blas import loaded_blas, report
+    from runtime.cpu.ops import installed
 
     loaded = runtime.loaded
     return {
-        "hardware": probe(),
+        # The BLAS is this process's, not the machine's, so the probe leaves it to the runtime.
+        "hardware": {**probe(), "blas": loaded_blas()} if sys.platform.startswith("linux") else probe(),
         "conversion": sizing_report(),
         "runtime": {
             "layout": loaded.layout if loaded else None,
             # How the layout and BLAS threads were chosen, with each candidate's measured speeds.
             "tuning": asdict(loaded.tuning) if loaded else None,
             "blas": report(),
-            "cpu_fast_ops": installed(),  # MLX's fast ops replaced on the CPU (runtime/cpu_ops.py)
+            "cpu_fast_ops": installed(),  # MLX's fast ops replaced on the CPU (runtime/cpu/ops.py)
             "batching": asdict(runtime.limits),
             "resident_budget_bytes": runtime.residency.budget_bytes,
             "prompt_cache_budget_bytes": runtime.prompt_cache.max_bytes,

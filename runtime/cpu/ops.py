@@ -35,7 +35,7 @@ import math
 import sys
 from functools import lru_cache, partial
 
-from runtime import prompt_attention
+from runtime.cpu import prompt_attention
 
 log = logging.getLogger(__name__)
 

@@ -77,7 +77,7 @@ def loaded_blas() -> str:
 
 def gemv_forward_library(folder: Path) -> Path | None:
     """The forwarding library for this source and this processor, compiled once into `folder`."""
-    from runtime.hardware import cpu_description
+    from hardware import cpu_description
 
     built_for = f"{cpu_description().get('model')}|{os.uname().machine}".encode()
     digest = hashlib.sha256(GEMV_SOURCE.read_bytes() + built_for).hexdigest()[:12]

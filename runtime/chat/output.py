@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from mlx_lm.generate import TextStateMachine
 
-from runtime.tools import ToolCall, ToolDialect, parse_calls
+from runtime.chat.tools import ToolCall, ToolDialect, parse_calls
 
 CONTENT, REASONING, TOOL = "normal", "reasoning", "tool"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.errors import PromptError
-from runtime.tools import ToolDialect, render_messages
+from errors import PromptError
+from runtime.chat.tools import ToolDialect, render_messages
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import llguidance.numpy
 import mlx.core as mx
 import numpy as np
 
-from runtime.errors import PromptError
+from errors import PromptError
 
 
 def ll_tokenizer(tokenizer) -> llguidance.LLTokenizer:

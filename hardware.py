@@ -1,4 +1,4 @@
-"""What this machine's MLX build runs on.
+"""What this machine's MLX build runs on: a bottom module that every layer may use, importing nothing of ours.
 
 `probe()` describes the machine from what the OS and MLX report (no table of known machines);
 `machine_memory()` is the stdlib-only figure the quantisation planner sizes models against.
@@ -30,16 +30,6 @@ def meminfo_available() -> int | None:
         return None
     line = next((line for line in lines if line.startswith("MemAvailable:")), None)
     return int(line.split()[1]) * 1024 if line else None
-
-
-def runtime_report() -> dict:
-    import mlx.core as mx
-
-    from runtime.blas import report
-    from runtime.cpu_ops import installed
-
-    return {"device": str(mx.default_device()), **report(), "cpu_fast_ops": installed(),
-            "available_memory_bytes": available_memory()}
 
 
 # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1; anything this large is no limit.
@@ -94,14 +84,9 @@ def own_cgroup_paths() -> dict[str, str]:
 
 
 def probe() -> dict:
-    """This machine as the OS and MLX describe it: CPU, memory, BLAS and accelerator."""
-    report = {"os": platform.system(), "arch": platform.machine(), "cpu": cpu_description(), "memory": memory_report()}
-    if sys.platform.startswith("linux"):
-        from runtime.blas import loaded_blas
-
-        report["blas"] = loaded_blas()
-    report["accelerator"] = accelerator_report()
-    return report
+    """This machine as the OS and MLX describe it: CPU, memory and accelerator."""
+    return {"os": platform.system(), "arch": platform.machine(), "cpu": cpu_description(), "memory": memory_report(),
+            "accelerator": accelerator_report()}
 
 
 def memory_report() -> dict:
