@@ -50,7 +50,7 @@ def install() -> list[str]:
     if mx.default_device() != mx.cpu:
         return []
     if not originals:
-        log.info("MLX computes on the CPU: %s use runtime/cpu_ops.py", ", ".join(REPLACED))
+        log.info("MLX computes on the CPU: %s use runtime/cpu/ops.py", ", ".join(REPLACED))
     for name, (owner, ours) in places().items():
         originals.setdefault(name, getattr(owner, name))
         setattr(owner, name, ours)

@@ -1,4 +1,4 @@
-"""The softmax of attention over a prompt's positions on the CPU, in NumPy (`cpu_ops` does the products).
+"""The softmax of attention over a prompt's positions on the CPU, in NumPy (`ops` does the products).
 
 Once a prompt is a few thousand tokens long, prefilling it is mostly attention's softmax: MLX's x86
 CPU wheel computes exponentials one element at a time (about 11 ns each), and a 512-token chunk at
