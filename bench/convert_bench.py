@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# Run as a script, only bench/ is on the path: the repository root goes first, for `bench.*` and the project.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.harness import child_env, markdown_table, run_measured  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
 HEAD_DIM = HIDDEN // HEADS
@@ -132,21 +133,11 @@ def shard_groups(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes:
 
 
 def measure(tool: str, command: list[str], env: dict, output: Path) -> Run:
-    started = time.perf_counter()
-    child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # wait4 gives this child's own rusage; RUSAGE_CHILDREN would mix all runs together.
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    stdout, stderr = child.stdout.read().decode(), child.stderr.read().decode()
-    if child.returncode != 0:
-        raise SystemExit(f"{tool} failed ({child.returncode}):\n{stderr[-2000:]}")
-    check_output(tool, stdout, output)
-    return Run(tool, seconds, peak_rss_bytes(usage.ru_maxrss), folder_bytes(output))
-
-
-def peak_rss_bytes(ru_maxrss: int) -> int:
-    return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024  # macOS counts bytes, Linux KiB
+    finished = run_measured(command, env)
+    if finished.returncode != 0:
+        raise SystemExit(f"{tool} failed ({finished.returncode}):\n{finished.stderr[-2000:]}")
+    check_output(tool, finished.stdout, output)
+    return Run(tool, finished.seconds, finished.peak_rss_bytes, folder_bytes(output))
 
 
 def check_output(tool: str, stdout: str, output: Path) -> None:
@@ -162,9 +153,8 @@ def folder_bytes(folder: Path) -> int:
 
 def run_impetus(source: Path, scratch: Path) -> Run:
     home = scratch / "impetus-home"
-    env = {**os.environ, "IMPETUS_HOME": str(home)}
     try:
-        return measure("impetus", [sys.executable, "convert.py", str(source), "--json"], env, home / "models")
+        return measure("impetus", [sys.executable, "convert.py", str(source), "--json"], child_env(home), home / "models")
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -173,7 +163,7 @@ def run_mlx_lm(source: Path, scratch: Path, dtype: str) -> Run:
     output = scratch / "mlx-lm-out"
     command = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source), "--mlx-path", str(output), "--dtype", dtype]
     try:
-        return measure("mlx_lm.convert", command, dict(os.environ), output)
+        return measure("mlx_lm.convert", command, child_env(), output)
     finally:
         shutil.rmtree(output, ignore_errors=True)
 
@@ -184,17 +174,17 @@ def run_mlx_lm(source: Path, scratch: Path, dtype: str) -> Run:
 def table(best: dict[str, Run], source_bytes: int, dtype: str, impetus_path: str) -> str:
     ours, theirs = best["impetus"], best["mlx_lm.convert"]
     how = "shards adopted (copied)" if impetus_path == "adopt" else "tensors streamed and rewritten"
-    rows = [
+    rows = [[run.tool, f"{run.seconds:.2f}", f"{run.peak_rss_bytes / 1e6:,.0f}", f"{run.output_bytes / 1e9:.2f}"]
+            for run in (ours, theirs)]
+    rows.append(["impetus / mlx_lm", f"{ours.seconds / theirs.seconds:.2f}x",
+                 f"{ours.peak_rss_bytes / theirs.peak_rss_bytes:.2f}x", ""])
+    header = ["tool", "wall time (s)", "peak RSS (MB)", "output (GB)"]
+    return "\n".join([
         f"Source: random llama-style SafeTensors folder, {source_bytes / 1e9:.2f} GB, {dtype}; Impetus: {how}; "
         "best of each tool's runs.",
         "",
-        "| tool | wall time (s) | peak RSS (MB) | output (GB) |",
-        "|---|---:|---:|---:|",
-    ]
-    for run in (ours, theirs):
-        rows.append(f"| {run.tool} | {run.seconds:.2f} | {run.peak_rss_bytes / 1e6:,.0f} | {run.output_bytes / 1e9:.2f} |")
-    rows.append(f"| impetus / mlx_lm | {ours.seconds / theirs.seconds:.2f}x | {ours.peak_rss_bytes / theirs.peak_rss_bytes:.2f}x | |")
-    return "\n".join(rows)
+        markdown_table(header, rows, right=frozenset({1, 2, 3})),
+    ])
 
 
 def parse_args() -> argparse.Namespace:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,40 +16,21 @@ from pathlib import Path
 
 import httpx
 
+# Run as a script, only bench/ is on the path: the repository root goes first, for `bench.*` and the project.
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import child_env, markdown_table, running_server  # noqa: E402
+
 DEFAULT_REQUEST = ROOT.parent / "shared" / "reference" / "cline-request.json"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
-def server(home: Path, model: str):
-    port = free_port()
-    env = {**os.environ, "IMPETUS_HOME": str(home)}
-    command = [sys.executable, "-m", "api", "--port", str(port), "--model", model, "--log-level", "warning"]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-
-
-def wait_healthy(url: str, process: subprocess.Popen) -> None:
-    for _ in range(1200):
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise SystemExit("server did not start")
+def server(home: Path, model: str, name: str):
+    """Our server on `home`, its log in `home/server-NAME.log`; yields its URL once it is healthy."""
+    command = [sys.executable, "-m", "api", "--model", model, "--log-level", "warning"]
+    with running_server(command, child_env(home), home / f"server-{name}.log", "/health") as running:
+        yield running.url
 
 
 def first_token_seconds(url: str, body: dict) -> tuple[float, dict]:
@@ -76,12 +54,12 @@ def main() -> None:
     body = {k: v for k, v in json.loads(args.request.read_text()).items() if k not in ("stream", "stream_options")}
     home = Path(tempfile.mkdtemp(prefix="impetus-bench-"))
     rows = []
-    with server(home, args.model) as url:
+    with server(home, args.model, "first") as url:
         status = httpx.get(f"{url}/api/models/status").json()
         body["model"] = status["model"]
         rows.append(("cold", *first_token_seconds(url, body)))
         rows.append(("shared prefix", *first_token_seconds(url, turn(body, "Go on."))))
-    with server(home, args.model) as url:
+    with server(home, args.model, "restart") as url:
         rows.append(("shared prefix after restart", *first_token_seconds(url, turn(body, "Continue."))))
     print_table(rows, status)
 
@@ -90,11 +68,9 @@ def print_table(rows: list, status: dict) -> None:
     cold = rows[0][1]
     runtime = status.get("runtime", {})
     print(f"model {status['model']} ({status.get('layout')}), device {runtime.get('device')}, BLAS {runtime.get('blas')}\n")
-    print("| request | prompt tokens | cached tokens | time to first token | vs cold |")
-    print("|---|---|---|---|---|")
-    for name, seconds, usage in rows:
-        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
-        print(f"| {name} | {usage['prompt_tokens']} | {cached} | {seconds:.2f} s | {seconds / cold:.1%} |")
+    cells = [[name, str(usage["prompt_tokens"]), str(usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)),
+              f"{seconds:.2f} s", f"{seconds / cold:.1%}"] for name, seconds, usage in rows]
+    print(markdown_table(["request", "prompt tokens", "cached tokens", "time to first token", "vs cold"], cells))
 
 
 if __name__ == "__main__":
