@@ -1,6 +1,7 @@
 """Convert any local model file or folder into a cached MLX checkpoint, and manage the cache.
 
     python convert.py <file-or-folder> [--json] [--progress-json] [--bits N] [--group-size N] [--dtype D] [--context N]
+                      [--allow-bad-weights]
     python convert.py <file-or-folder> --plan [--json]     how it would be stored here, and why
     python convert.py --list | --remove ID | --verify ID [--json] [--cache-dir DIR]
 """
@@ -35,11 +36,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sizing.add_argument("--group-size", type=int, help="weights per quantisation group: 32, 64 (default) or 128")
     sizing.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="dtype of the unquantised tensors")
     sizing.add_argument("--context", type=int, help="context length to leave KV-cache room for (default: the model's, at most 32768)")
+    parser.add_argument("--allow-bad-weights", action="store_true",
+                        help="convert even when weights hold NaN or infinity or a probe's logits are unusable (warns; for debugging a model)")
     actions = parser.add_mutually_exclusive_group()
     actions.add_argument("--plan", action="store_true", help="print how the source would be stored, and why, without converting")
     actions.add_argument("--list", action="store_true", help="list the cached models")
     actions.add_argument("--remove", metavar="ID", help="remove a cached model (refused while a server uses it)")
-    actions.add_argument("--verify", metavar="ID", help="re-hash a cached model's files and test-load it with mlx-lm")
+    actions.add_argument("--verify", metavar="ID", help="re-hash a cached model's files, test-load it with mlx-lm and check its numbers")
     return parser.parse_args(argv)
 
 
@@ -60,8 +63,18 @@ def summary(result: Conversion) -> str:
         "size": f"{entry.size_bytes / 1e6:,.1f} MB",
         "path": result.path,
         "time": f"{result.seconds:.2f} s" + (" (cached)" if result.cached else ""),
+        "checks": checks_line(entry.checks),
     }
     return "\n".join(f"{name:<13} {value}" for name, value in rows.items())
+
+
+def checks_line(checks: dict) -> str:
+    if not checks:
+        return "none recorded (converted before numeric checks; run --verify ID)"
+    weights, probe = checks["weights"], checks["probe"]
+    verdict = "passed" if checks["passed"] else "FAILED (converted with --allow-bad-weights)"
+    return (f"{verdict}: {weights['nonfinite_values']:,} NaN/Inf values in {weights['tensors_checked']} tensors; "
+            f"{probe['tokens']}-token probe logits {'finite' if probe['finite'] else 'not finite'}")
 
 
 def as_json(result: Conversion) -> str:
@@ -79,6 +92,7 @@ def as_json(result: Conversion) -> str:
             "size_bytes": entry.size_bytes,
             "seconds": round(result.seconds, 3),
             "cached": result.cached,
+            "checks": entry.checks,
         }
     )
 
@@ -102,9 +116,7 @@ class ProgressLines(io.TextIOBase):
         self.out.flush()
 
     def _report_bars(self) -> None:
-        tqdm_module = sys.modules.get("tqdm.std")
-        live = tqdm_module.tqdm._instances if tqdm_module else ()
-        self.bars.update((id(bar), bar) for bar in list(live))
+        self.bars.update((id(bar), bar) for bar in live_progress_bars())
         for key, bar in self.bars.items():
             state = (bar.desc, bar.n, bar.total)
             if self.reported.get(key) != state:
@@ -113,13 +125,24 @@ class ProgressLines(io.TextIOBase):
         self.out.flush()
 
 
+def live_progress_bars() -> list:
+    tqdm_module = sys.modules.get("tqdm.std")  # tqdm is imported only by a conversion
+    return list(tqdm_module.tqdm._instances) if tqdm_module else []
+
+
+def close_progress_bars() -> None:
+    """Clear the bars of a conversion that stopped midway, so that its error starts a line of its own."""
+    for bar in live_progress_bars():
+        bar.close()
+
+
 def progress_reporting(enabled: bool):
     return contextlib.redirect_stderr(ProgressLines(sys.stderr)) if enabled else contextlib.nullcontext()
 
 
 def convert(args: argparse.Namespace, store: ModelStore) -> str:
     with progress_reporting(args.progress_json):
-        result = ensure_converted(required_source(args), store, conversion_options(args))
+        result = ensure_converted(required_source(args), store, conversion_options(args), args.allow_bad_weights)
     return as_json(result) if args.json else summary(result)
 
 
@@ -172,7 +195,9 @@ def verify_entry(args: argparse.Namespace, store: ModelStore) -> str:
     report = verify(store, args.verify)
     if args.json:
         return json.dumps(report)
-    return f"ok: {report['id']}: {report['files_checked']} files match their sha256 at conversion; mlx-lm loads it"
+    return (f"ok: {report['id']}: {report['files_checked']} files match their sha256 at conversion; mlx-lm loads it; "
+            f"no NaN or infinity in its {report['weights']['tensors_checked']} tensors; "
+            f"a {report['probe']['tokens']}-token probe gives finite, varied logits")
 
 
 def command(args: argparse.Namespace):
@@ -194,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         store = ModelStore(args.cache_dir or Settings.from_env().home)
         output = command(args)(args, store)
     except ImpetusError as exc:
+        close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:

@@ -21,6 +21,10 @@ class UnsupportedArchitectureError(ConversionError):
     """The input is readable but its architecture is not supported yet."""
 
 
+class BadWeightsError(ConversionError):
+    """A checkpoint's weights hold NaN or infinity, or a probe through the model gives unusable logits."""
+
+
 class ModelNotFoundError(ImpetusError):
     """A model id is neither cached nor a path to a model."""
 

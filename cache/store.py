@@ -48,6 +48,8 @@ class Entry:
     requests: list[dict] = field(default_factory=list)
     # sha256 of each checkpoint file at commit, for `convert.py --verify`.
     files: dict[str, str] = field(default_factory=dict)
+    # The numeric checks at conversion (cache/numerics.py); empty for entries made before them.
+    checks: dict = field(default_factory=dict)
 
 
 class ModelStore:

@@ -174,7 +174,9 @@ def row_chunks(tensor):
 
 
 def affine(tensor, bits: int) -> dict[str, mx.array]:
-    parts = [affine_rows(rows, tensor.tensor_type, bits) for rows in row_chunks(tensor)]
+    # Damaged scales (NaN, Inf) are counted and named by the writer's numeric check, not warned of here.
+    with np.errstate(invalid="ignore", over="ignore"):
+        parts = [affine_rows(rows, tensor.tensor_type, bits) for rows in row_chunks(tensor)]
     codes, scales, biases = (np.concatenate(column) for column in zip(*parts))
     dtype = exact_dtype(scales, biases)
     return mlx_parts(tensor, weight=pack(codes, bits), scales=scales.astype(dtype), biases=biases.astype(dtype))

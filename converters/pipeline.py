@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache.fingerprint import content_hash, entry_key, files_of, folder_digests, slug, stat_fingerprint
+from cache.numerics import FiniteCheck, checks_summary, probe_checkpoint
 from cache.store import Entry, ModelStore
 from converters import planner
 from converters.planner import DEFAULT_MEMORY_SHARE, Budget, ModelShape, Overrides, Plan, SourcePrecision, choose
@@ -37,9 +38,11 @@ class Conversion:
     seconds: float
 
 
-def ensure_converted(source: Path, store: ModelStore, options: dict | None = None) -> Conversion:
+def ensure_converted(source: Path, store: ModelStore, options: dict | None = None, allow_bad: bool = False) -> Conversion:
     """The cached checkpoint for `source`, converting it first if needed. `options` are the user's
-    overrides (`bits`, `group_size`, `dtype`, `context`); without them the planner sizes the model."""
+    overrides (`bits`, `group_size`, `dtype`, `context`); without them the planner sizes the model.
+    A conversion whose weights hold NaN or infinity, or whose probe gives unusable logits, is refused,
+    unless `allow_bad`: then it is cached with a warning, and its entry's `checks` say what failed."""
     started = time.perf_counter()
     source = source.expanduser().absolute()
     request = conversion_request(options)
@@ -48,7 +51,7 @@ def ensure_converted(source: Path, store: ModelStore, options: dict | None = Non
     entry = store.find_source(source, fingerprint, fmt.name, fmt.version, request)
     cached = entry is not None
     if not cached:
-        entry, cached = convert_once(store, source, fmt, fingerprint, request)
+        entry, cached = convert_once(store, source, fmt, fingerprint, request, allow_bad)
     entry = store.remember(entry, source, fingerprint, request)
     if not cached:
         store.enforce_cap(keep={entry.key})
@@ -111,7 +114,8 @@ def env_number(name: str, kind: type):
         raise ConversionError(f"{name}={value!r}: not a number") from exc
 
 
-def convert_once(store: ModelStore, source: Path, fmt: Format, fingerprint: list[int], request: dict) -> tuple[Entry, bool]:
+def convert_once(store: ModelStore, source: Path, fmt: Format, fingerprint: list[int], request: dict,
+                 allow_bad: bool = False) -> tuple[Entry, bool]:
     """(entry, cached): hash the source, then, holding its lock, find it (another process may have just
     converted it) or convert it."""
     digest = content_hash(source)
@@ -125,7 +129,7 @@ def convert_once(store: ModelStore, source: Path, fmt: Format, fingerprint: list
         entry = store.get(key)
         if entry is not None:
             return entry, True
-        return convert_into(store, source, fmt, model, plan, digest, key), False
+        return convert_into(store, source, fmt, model, plan, digest, key, allow_bad), False
 
 
 def plan_conversion(source: Path, options: dict | None = None) -> Plan:
@@ -153,13 +157,16 @@ def source_precision(model, source: Path) -> SourcePrecision:
     return SourcePrecision(32 if 8 * weight_bytes / max(model.parameters, 1) >= 24 else 16)
 
 
-def convert_into(store: ModelStore, source: Path, fmt: Format, model, plan: Plan, digest: str, key: str) -> Entry:
+def convert_into(store: ModelStore, source: Path, fmt: Format, model, plan: Plan, digest: str, key: str,
+                 allow_bad: bool = False) -> Entry:
     from converters.writer import describe_quantization, write_checkpoint
 
     store.clean_staging()
     log.info("converting %s (%s): %s", source, fmt.name, plan.layout.label(plan.source))
     with store.staging(key) as staged:
-        written = write_checkpoint(model, staged, plan)
+        numbers = FiniteCheck(model.label, allow_bad)
+        written = write_checkpoint(model, staged, plan, numbers)
+        probe = probe_checkpoint(staged, model.label, allow_bad)
         now = time.time()
         entry = Entry(
             key=key,
@@ -176,6 +183,7 @@ def convert_into(store: ModelStore, source: Path, fmt: Format, model, plan: Plan
             created=now,
             last_used=now,
             files=folder_digests(staged),
+            checks=checks_summary(numbers.report(), probe),
         )
         return store.commit(staged, entry)
 

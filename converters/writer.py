@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 from tqdm import tqdm
 
+from cache.numerics import FiniteCheck
 from converters.sniff import safetensors_header
 from converters.source import SourceModel
 from converters.validate import check_distinct, distinct, validate_checkpoint
@@ -30,16 +31,21 @@ class WrittenCheckpoint:
     quantization: dict | None = None
 
 
-def write_checkpoint(model: SourceModel, dest: Path, plan: "Plan | None" = None) -> WrittenCheckpoint:
+def write_checkpoint(model: SourceModel, dest: Path, plan: "Plan | None" = None,
+                     numbers: FiniteCheck | None = None) -> WrittenCheckpoint:
     """Write weights shard by shard, then config and tokenizer, into `dest` (a fresh folder), and check
     the result against the mlx-lm model before anyone can commit it to the cache. A `plan` that changes
-    the weights (quantisation, dtype) is applied to the tensors as they stream through."""
+    the weights (quantisation, dtype) is applied to the tensors as they stream through; `numbers`
+    counts NaN and infinity in the source's tensors on their way, before the plan changes them."""
     dest.mkdir(parents=True)
+    numbers = numbers or FiniteCheck(model.label)
     planned = planned_weights(model, plan)
     if model.adopt_files and planned is None:
-        weight_map = adopt_shards(model.adopt_files(), dest, model.label)
+        files = model.adopt_files()
+        numbers.scan_files(files)
+        weight_map = adopt_shards(files, dest, model.label)
     else:
-        tensors = distinct(model.tensors(), model.label)
+        tensors = numbers.watch(distinct(model.tensors(), model.label))
         weight_map = write_shards(planned.apply(tensors) if planned else tensors, dest)
     quantization = planned.block() if planned else model.quantization
     write_json(dest / "config.json", checkpoint_config(model, quantization, replace=planned is not None))

@@ -447,6 +447,9 @@ def load_checkpoint(entry: Entry, path: Path, native_parser: str | None = None):
 
 def load(entry: Entry, path: Path, tool_parser: str | None = None, tuner: Tuner | None = None) -> LoadedModel:
     log.info("loading %s from %s", entry.id, path)
+    if entry.checks and not entry.checks["passed"]:
+        log.warning("%s failed its numeric checks at conversion (converted with --allow-bad-weights): its answers "
+                    "may be garbage; %s", entry.id, entry.checks)
     cpu_ops.install()
     native_parser = tool_parser if tool_parser not in (None, "hermes") else None
     model, tokenizer = load_checkpoint(entry, path, native_parser)
