@@ -20,6 +20,19 @@ SIDECAR_NAMES = {
 }
 
 
+# llama.cpp's split GGUFs: NAME-00001-of-00003.gguf, ...; every part belongs to the source.
+SPLIT_GGUF = re.compile(r"^(?P<stem>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_parts(source: Path) -> list[Path]:
+    """Every part of a split GGUF, in their numbered order, whether each exists or not; else [source]."""
+    match = SPLIT_GGUF.match(source.name)
+    if not match:
+        return [source]
+    count = int(match["count"])
+    return [source.with_name(f"{match['stem']}-{number:05d}-of-{count:05d}.gguf") for number in range(1, count + 1)]
+
+
 def files_of(source: Path) -> list[Path]:
     if source.is_dir():
         return sorted(p for p in source.rglob("*") if p.is_file())
@@ -27,8 +40,9 @@ def files_of(source: Path) -> list[Path]:
 
 
 def sidecars(source: Path) -> list[Path]:
+    parts = set(split_parts(source))
     siblings = (p for p in source.parent.iterdir() if p.is_file() and p != source)
-    return sorted(p for p in siblings if p.name in SIDECAR_NAMES or p.name.startswith(f"{source.name}."))
+    return sorted(p for p in siblings if p.name in SIDECAR_NAMES or p.name.startswith(f"{source.name}.") or p in parts)
 
 
 def content_hash(source: Path) -> str:
@@ -84,7 +98,8 @@ GENERIC_STEMS = {"model", "pytorch_model", "consolidated", "weights", "checkpoin
 
 def slug(source: Path) -> str:
     """A readable model id from the source's name, e.g. `SmolLM2-135M-Instruct.Q4_1.gguf` -> `smollm2-135m-instruct-q4_1`."""
-    stem = source.name.removesuffix(".mlpackage") if source.is_dir() else source.name.rsplit(".", 1)[0]
+    name = SPLIT_GGUF.sub(r"\g<stem>.gguf", source.name)
+    stem = name.removesuffix(".mlpackage") if source.is_dir() else name.rsplit(".", 1)[0]
     if stem.split(".")[0].lower() in GENERIC_STEMS:
         stem = source.parent.name
     return re.sub(r"[^a-z0-9_]+", "-", stem.lower()).strip("-") or "model"

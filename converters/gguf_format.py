@@ -1,6 +1,6 @@
 """GGUF reader: llama.cpp's metadata, tensors and tokenizer, back into an HF-shaped model for mlx-lm.
 
-How each tensor type becomes MLX arrays is in `gguf_quants`, how llama.cpp's names and layouts map
+Opening the file (or a split GGUF's parts) is in `gguf_parts`, how each tensor type becomes MLX arrays in `gguf_quants`, how llama.cpp's names and layouts map
 onto the mlx-lm modules in `gguf_architectures`, and the config in `gguf_config`.
 """
 
@@ -25,7 +25,9 @@ from converters.gguf_architectures import (
     row_reordering,
     target_rope_layout,
 )
+from cache.fingerprint import split_parts
 from converters.gguf_config import Metadata, build_config
+from converters.gguf_parts import open_parts
 from converters.gguf_quants import mlx_quantization, to_mlx
 from converters.source import SourceModel
 from converters.source import quantization_block as shared_quantization_block
@@ -35,18 +37,20 @@ log = logging.getLogger(__name__)
 
 
 def read(path: Path) -> SourceModel:
-    reader = open_reader(path)
+    readers = open_parts(path)
     try:
-        return source_model(path, reader)
+        return source_model(path, readers)
     except ConversionError as exc:
         raise type(exc)(f"{path}: {exc}") from exc
 
 
-def source_model(path: Path, reader: gguf.GGUFReader) -> SourceModel:
-    meta = Metadata(reader)
+def source_model(path: Path, readers: list[gguf.GGUFReader]) -> SourceModel:
+    """The model of one GGUF, or of a split GGUF's parts in order: metadata from the first, tensors from all."""
+    meta = Metadata(readers[0])
+    tensors = [tensor for reader in readers for tensor in reader.tensors]
     arch = architecture_for(meta.architecture)
-    config = build_config(meta, arch, {t.name: t for t in reader.tensors})
-    weights = [t for t in reader.tensors if gguf_module(t) not in CONFIG_TENSORS]
+    config = build_config(meta, arch, {t.name: t for t in tensors})
+    weights = [t for t in tensors if gguf_module(t) not in CONFIG_TENSORS]
     reorder = row_reordering(arch.rope_layout, target_rope_layout(config))
     types = Counter(t.tensor_type.name for t in weights)
     log.info("%s: %s, tensors by type %s", path.name, meta.architecture, dict(types))
@@ -55,30 +59,11 @@ def source_model(path: Path, reader: gguf.GGUFReader) -> SourceModel:
         config=config,
         parameters=sum(int(t.n_elements) for t in weights),
         tensors=lambda: iter_tensors(weights, arch, config, reorder),
-        save_tokenizer=lambda dest: save_tokenizer(path, dest),
+        save_tokenizer=lambda dest: save_tokenizer(split_parts(path)[0], dest),
         # Built before any tensor is read, so an unknown tensor name or type fails the conversion at once.
         quantization=quantization_block(weights, arch),
         source=path,
     )
-
-
-def open_reader(path: Path) -> gguf.GGUFReader:
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # gguf-py raises assorted errors on damaged headers
-        raise ConversionError(f"{path}: unreadable GGUF header ({exc}); the file is corrupt or truncated, download it again") from exc
-    check_complete(path, reader)
-    return reader
-
-
-def check_complete(path: Path, reader: gguf.GGUFReader) -> None:
-    size = path.stat().st_size
-    for tensor in reader.tensors:
-        end = tensor.data_offset + tensor.n_bytes
-        if end > size or tensor.data.size * tensor.data.itemsize < tensor.n_bytes:
-            raise ConversionError(
-                f"{path}: truncated, tensor '{tensor.name}' needs bytes up to {end} but the file has {size}; download it again"
-            )
 
 
 def gguf_module(tensor) -> str:

@@ -158,3 +158,47 @@ def test_allowed_bad_weights_convert_with_a_warning_and_verify_then_refuses_them
     verified = run_cli("convert.py", "--verify", json.loads(result.stdout)["id"], home=home)
     assert verified.returncode == 1 and REFUSED in verified.stderr and "--remove" in verified.stderr, verified.stderr
     assert "'model.layers.1.input_layernorm.weight'" in verified.stderr
+
+
+@pytest.fixture(scope="module")
+def split_gguf(tmp_path_factory) -> Path:
+    """The clean model again, as gguf-py's split writer stores it: three parts of at most 8 tensors."""
+    arch = ARCHS["llama"]
+    return write_gguf(build_model(arch), arch, tmp_path_factory.mktemp("split") / "Tiny-Llama.Q8_0.gguf", Q.Q8_0,
+                      split_max_tensors=8)
+
+
+def part_names(first: Path) -> list[str]:
+    return sorted(path.name for path in first.parent.glob("*.gguf"))
+
+
+def test_a_split_gguf_converts_from_any_part_to_the_same_model_as_the_whole_file(split_gguf, clean_gguf, tmp_path):
+    assert part_names(split_gguf) == [f"Tiny-Llama.Q8_0-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
+    whole = json.loads(run_cli("convert.py", str(clean_gguf), "--json", home=tmp_path / "a").stdout)
+    result = run_cli("convert.py", str(split_gguf.with_name("Tiny-Llama.Q8_0-00002-of-00003.gguf")), "--json",
+                     home=tmp_path / "b")
+    assert result.returncode == 0, result.stderr
+    split = json.loads(result.stdout)
+    assert split["id"] == whole["id"] == "tiny-llama-q8_0" and split["checks"]["passed"]
+    ours, theirs = (load_file(Path(made["path"]) / "model.safetensors") for made in (split, whole))
+    assert ours.keys() == theirs.keys() and all(np.array_equal(ours[name], theirs[name]) for name in ours)
+
+
+def copy_parts(first: Path, dest: Path, renamed: dict[str, str] | None = None, left_out: str | None = None) -> Path:
+    """The parts of a split GGUF in `dest`, some renamed (old name -> new) or one left out."""
+    dest.mkdir()
+    for name in part_names(first):
+        if name != left_out:
+            (dest / (renamed or {}).get(name, name)).write_bytes((first.parent / name).read_bytes())
+    return dest / first.name
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ({"left_out": "Tiny-Llama.Q8_0-00003-of-00003.gguf"}, "split GGUF part Tiny-Llama.Q8_0-00003-of-00003.gguf is missing"),
+    ({"renamed": {"Tiny-Llama.Q8_0-00002-of-00003.gguf": "Tiny-Llama.Q8_0-00003-of-00003.gguf",
+                  "Tiny-Llama.Q8_0-00003-of-00003.gguf": "Tiny-Llama.Q8_0-00002-of-00003.gguf"}},
+     "its metadata says it is part 3 of 3, its name part 2 of 3"),
+], ids=["part-missing", "parts-swapped"])
+def test_split_parts_are_joined_only_whole_and_in_their_order(split_gguf, template_home, tmp_path, damage, expected):
+    first = copy_parts(split_gguf, tmp_path / "parts", **damage)
+    assert_refused_and_cache_untouched(first, "Tiny-Llama.Q8_0-0000", expected, template_home, tmp_path / "home")

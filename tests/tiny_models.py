@@ -109,9 +109,11 @@ def round_trip(weights: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.dequantize(data, raw).reshape(weights.shape).astype(np.float32)
 
 
-def write_gguf(model, arch: TinyArch, path: Path, qtype) -> Path:
+def write_gguf(model, arch: TinyArch, path: Path, qtype, split_max_tensors: int = 0) -> Path:
+    """The model as llama.cpp would store it; with `split_max_tensors`, in gguf-py's split parts
+    (`path`'s stem + -0000k-of-0000N.gguf), and the first part's path is returned."""
     config = model.config
-    writer = gguf.GGUFWriter(str(path), arch.name)
+    writer = gguf.GGUFWriter(str(path), arch.name, split_max_tensors=split_max_tensors)
     write_metadata(writer, config, arch)
     for hf_name, tensor in model.state_dict().items():
         weights = tensor.detach().numpy()
@@ -126,7 +128,8 @@ def write_gguf(model, arch: TinyArch, path: Path, qtype) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
+    parts = sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))
+    return parts[0] if split_max_tensors and parts else path
 
 
 def write_shape(writer: gguf.GGUFWriter, config, rope_theta: float) -> None:
